@@ -1,0 +1,51 @@
+"""Blocks shared by the configs: one place for defaults, each config overrides."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of every experiment; configs override what their paper sets."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = "supervised"
+  c.model = ml_collections.ConfigDict(
+      dict(name="cnn_small", dtype="", kwargs=ml_collections.ConfigDict()))
+  c.data = ml_collections.ConfigDict(dict(
+      dataset="digits",
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      manual_dir=ml_collections.FieldReference(None, field_type=str),
+      num_labels=50,          # class-balanced; -1 for every example
+      split_seed=ml_collections.FieldReference(None, field_type=int),
+      unlabeled="rest",       # 'rest' or 'all'
+      batch_size=64,          # labeled examples per step (global)
+      uratio=0,               # unlabeled examples per labeled one (μ)
+      eval_batch_size=500,
+      augment=dict(
+          weak=dict(flip=ml_collections.FieldReference(None, field_type=bool),
+                    translate=2),
+          strong=dict(num_ops=2, magnitude=10, cutout=4)),
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4,
+      grad_clip_norm=0.0,
+      schedule=dict(name="cosine", warmup_steps=0, wait_steps=0,
+                    decay_steps=0)))
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.999
+  c.total_steps = 1000
+  c.total_epochs = 0.0
+  c.log_every_steps = 100
+  c.eval_every_steps = 0      # 0: at the end only
+  c.checkpoint_every_steps = 500
+  c.checkpoint_keep = 2
+  c.checkpoint_async = True
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
+  return c
+
+
+def mnist_data(c: ml_collections.ConfigDict, num_labels: int = 100) -> None:
+  """MNIST: 28x28x1, translate by 2, no flips."""
+  c.data.dataset = "mnist"
+  c.data.num_labels = num_labels
+  c.data.augment.weak.translate = 2
+  c.data.augment.strong.cutout = 8

@@ -1,0 +1,183 @@
+"""Labeled and unlabeled streams for in-memory datasets, as global sharded batches.
+
+At step k the pipeline yields
+  {'labeled':   {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B]},
+   'unlabeled': {'image': uint8 [μB, ...],    'label': int32 [μB], 'index': int32 [μB]}}
+where `index` is the example's row in the train split (the row of a per-example
+table) and the unlabeled `label` is the true label, for diagnostics only. The
+batch is a pure function of (seed, k); augmentation happens later, on device,
+from (seed, k, index) (see `r2d2_jax.data.augment`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from r2d2_jax import sharding
+from r2d2_jax.data import sampler as sampler_lib
+from r2d2_jax.data import sources
+from r2d2_jax.data import splits as splits_lib
+from r2d2_jax.errors import R2D2Error
+
+
+class InMemoryPipeline:
+  """Step-indexed labeled/unlabeled batches of a dataset held in host memory.
+
+  Args:
+    config: the `data` block of the config.
+    seed: the run's seed (split and sampling derive from it).
+    mesh: the device mesh.
+    workdir: where the split is saved (None: not saved).
+    arrays: preloaded splits (tests); default loads `config.dataset`.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, seed: int, mesh: Mesh,
+               workdir: str | None = None,
+               arrays: dict[str, sources.ArraySplit] | None = None):
+    self.info = sources.get_info(config.dataset)
+    self.mesh = mesh
+    self.config = config
+    if arrays is None:
+      arrays = sources.load_in_memory(config.dataset, config.get("data_dir"),
+                                      config.get("manual_dir"))
+    self.train, self.test = arrays["train"], arrays["test"]
+    split_seed = config.get("split_seed")
+    split_seed = seed if split_seed is None else split_seed
+    self.split = splits_lib.make_split(
+        self.train.labels, self.info.num_classes, config.num_labels,
+        split_seed, config.get("unlabeled", "rest"))
+    if workdir is not None:
+      splits_lib.save_or_check(
+          self.split, os.path.join(workdir, "split.json"),
+          dict(dataset=config.dataset, num_labels=config.num_labels,
+               seed=split_seed, unlabeled=config.get("unlabeled", "rest")))
+    self.batch_size = config.batch_size
+    self.unlabeled_batch_size = int(round(config.get("uratio", 0) *
+                                          config.batch_size))
+    sharding.check_batch_size("data.batch_size", self.batch_size, mesh)
+    if self.unlabeled_batch_size:
+      sharding.check_batch_size("data.uratio * data.batch_size",
+                                self.unlabeled_batch_size, mesh)
+    # Two independent streams; the seeds differ so their orders are unrelated.
+    self._samplers = {"labeled": (self.split.labeled, sampler_lib.StepSampler(
+        len(self.split.labeled), self.batch_size, seed * 2 + 1))}
+    if self.unlabeled_batch_size:
+      self._samplers["unlabeled"] = (self.split.unlabeled,
+                                     sampler_lib.StepSampler(
+                                         len(self.split.unlabeled),
+                                         self.unlabeled_batch_size,
+                                         seed * 2 + 2))
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train)
+
+  def steps_per_epoch(self, stream: str = "unlabeled") -> int:
+    """Steps for one pass over a stream (unlabeled if there is one)."""
+    if stream not in self._samplers:
+      stream = "labeled"
+    pool, s = self._samplers[stream]
+    return max(1, -(-len(pool) // s.batch_size))
+
+  def host_batch(self, step: int) -> dict[str, dict[str, np.ndarray]]:
+    """This process's rows of the global batch at `step`."""
+    out = {}
+    for stream, (pool, s) in self._samplers.items():
+      rows = sharding.process_slice(s.batch_size, self.mesh)
+      idx = pool[s.positions(step)[rows]]
+      out[stream] = {"image": self.train.images[idx],
+                     "label": self.train.labels[idx],
+                     "index": idx.astype(np.int32)}
+    return out
+
+  def global_batch(self, step: int) -> Any:
+    return sharding.to_global(self.host_batch(step), self.mesh)
+
+  def iterate(self, start_step: int, prefetch: int = 2) -> Iterator[Any]:
+    """Global batches for start_step, start_step + 1, ..., built ahead in a thread."""
+    return _prefetch((self.host_batch(k) for k in _count(start_step)),
+                     prefetch, lambda b: sharding.to_global(b, self.mesh))
+
+  def eval_batches(self, split: str, batch_size: int) -> Iterator[Any]:
+    """The whole split exactly once, padded to full batches, with a mask.
+
+    Args:
+      split: 'test' or 'train' (the whole train split, e.g. to predict a
+        per-example table).
+      batch_size: global batch size (divisible by the device count).
+
+    Yields:
+      Global {'image', 'label', 'index', 'mask'} batches; padded rows have
+      mask 0.
+    """
+    sharding.check_batch_size("data.eval_batch_size", batch_size, self.mesh)
+    data = {"test": self.test, "train": self.train}[split]
+    n = len(data)
+    rows = sharding.process_slice(batch_size, self.mesh)
+    for start in range(0, n, batch_size):
+      idx = np.arange(start, start + batch_size)[rows]
+      mask = idx < n
+      idx = np.where(mask, idx, 0)
+      yield sharding.to_global(
+          {"image": data.images[idx], "label": data.labels[idx],
+           "index": idx.astype(np.int32), "mask": mask}, self.mesh)
+
+
+def _count(start: int) -> Iterator[int]:
+  k = start
+  while True:
+    yield k
+    k += 1
+
+
+def _prefetch(it: Iterator[Any], size: int, finish) -> Iterator[Any]:
+  """Runs `it` in a background thread, `size` items ahead; `finish` on the main thread."""
+  if size <= 0:
+    for x in it:
+      yield finish(x)
+    return
+  q: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def worker():
+    try:
+      for x in it:
+        while not stop.is_set():
+          try:
+            q.put(("ok", x), timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+    except Exception as e:  # surfaced on the consumer side
+      q.put(("err", e))
+
+  t = threading.Thread(target=worker, daemon=True)
+  t.start()
+  try:
+    while True:
+      kind, x = q.get()
+      if kind == "err":
+        raise x
+      yield finish(x)
+  finally:
+    stop.set()
+
+
+def make_pipeline(config: ml_collections.ConfigDict, seed: int, mesh: Mesh,
+                  workdir: str | None = None) -> InMemoryPipeline:
+  """Builds the input pipeline of `config.dataset`."""
+  info = sources.get_info(config.dataset)
+  if not info.in_memory:
+    raise R2D2Error(
+        f"Dataset {config.dataset!r} is streamed; its pipeline is "
+        "r2d2_jax.data.imagenet, not available in this build yet.")
+  return InMemoryPipeline(config, seed, mesh, workdir)

@@ -1,0 +1,55 @@
+"""Command line: `python -m r2d2_jax.main --config configs/NAME.py[:variant] --workdir DIR`.
+
+Any config field can be overridden, e.g. `--config.optimizer.lr=0.1`. This is
+the only module that defines flags; the work is `train.train_and_evaluate`.
+"""
+
+import json
+import logging as pylogging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/NAME.py[:variant]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints and summaries go; rerun to resume.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops the INFO chatter of orbax and tensorflow_datasets; keeps warnings."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or not any(
+        f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Imported here so `--help` is fast and flags parse before jax starts.
+  import jax  # pylint: disable=g-import-not-at-top
+  from r2d2_jax import train  # pylint: disable=g-import-not-at-top
+  from r2d2_jax.errors import R2D2Error  # pylint: disable=g-import-not-at-top
+
+  logging.info("JAX %s, %d processes, %d devices (%s).", jax.__version__,
+               jax.process_count(), jax.device_count(), jax.default_backend())
+  try:
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except R2D2Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    print("Final results:", json.dumps(results, indent=1, sort_keys=True))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

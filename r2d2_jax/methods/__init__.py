@@ -1,0 +1,16 @@
+"""Registry of methods by name (`config.method`)."""
+
+from r2d2_jax.errors import unknown_name
+from r2d2_jax.methods import supervised
+from r2d2_jax.methods.base import Context, Method
+
+METHODS: dict[str, Method] = {
+    m.name: m for m in (supervised.METHOD,)
+}
+
+
+def get_method(name: str) -> Method:
+  """Returns the method registered as `name`, or an error listing the valid names."""
+  if name not in METHODS:
+    raise unknown_name("method", name, METHODS)
+  return METHODS[name]

@@ -1,0 +1,103 @@
+"""Metric writing (clu), progress reporting and the non-finite check.
+
+Only process 0 writes summaries (TensorBoard event files in the workdir and the
+console); other processes only log. Train metrics are fetched to the host one
+step late, so the device queue never drains, and averaged over each log interval.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from r2d2_jax.errors import NonFiniteError
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+
+
+def check_finite(metrics: Mapping[str, Any], step: int,
+                 checkpoint_note: str) -> None:
+  """Raises `NonFiniteError` naming the first non-finite metric."""
+  for name in sorted(metrics):
+    value = np.asarray(metrics[name])
+    if not np.all(np.isfinite(value)):
+      raise NonFiniteError(
+          f"Training stopped: metric {name!r} is {value} at step {step}. "
+          f"{checkpoint_note} Lower the learning rate, check the data, or "
+          "enable gradient clipping (optimizer.grad_clip_norm).")
+
+
+class Averager:
+  """Host-side running means of scalar metrics over one log interval."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._count = 0
+
+  def add(self, metrics: Mapping[str, Any]) -> None:
+    for k, v in metrics.items():
+      self._sums[k] = self._sums.get(k, 0.0) + float(np.mean(v))
+    self._count += 1
+
+  def result(self) -> dict[str, float]:
+    out = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+    self._sums, self._count = {}, 0
+    return out
+
+
+class Progress:
+  """Steps/s and ETA to the writer, and a progress bar on an interactive terminal.
+
+  Args:
+    total_steps: last step of the run.
+    start_step: step the run starts (or resumes) at.
+    writer: where 'steps_per_sec' goes.
+    description: text before the bar, e.g. the stage name.
+  """
+
+  def __init__(self, total_steps: int, start_step: int,
+               writer: metric_writers.MetricWriter, description: str = ""):
+    self._report = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_secs=60)
+    self._bar = None
+    if jax.process_index() == 0 and sys.stderr.isatty():
+      from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
+                            desc=description, dynamic_ncols=True)
+    self._total = total_steps
+    self._start = start_step
+    self._t0 = time.time()
+    self._description = description
+
+  def update(self, step: int) -> None:
+    self._report(step)
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+
+  def log_line(self, step: int, scalars: Mapping[str, float]) -> None:
+    """A one-line summary with rate and ETA, for non-interactive logs."""
+    done = step - self._start
+    rate = done / max(time.time() - self._t0, 1e-9)
+    eta = (self._total - step) / rate if rate > 0 else math.inf
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
+                      if k.startswith(("losses/total", "accuracy/")))
+    msg = (f"{self._description} step {step}/{self._total} "
+           f"({rate:.2f} steps/s, ETA {eta:.0f}s) {shown}")
+    if self._bar is not None:
+      self._bar.write(msg)
+    else:
+      logging.info(msg)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

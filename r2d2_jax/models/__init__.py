@@ -1,0 +1,93 @@
+"""Model zoo: image classifiers by name.
+
+Contract shared by every model returned by `get_model`:
+
+* Call it as ``model.apply(variables, x, train=..., return_features=False,
+  rngs=..., mutable=...)``; the module's signature is
+  ``__call__(self, x, *, train: bool, return_features: bool = False)``.
+* ``x`` is a float32 NHWC batch, already normalised.
+* It returns float32 logits ``[B, num_classes]`` (cast at the end, whatever the
+  compute dtype), or ``(logits, features)`` when ``return_features=True``, where
+  ``features`` is the float32 penultimate representation ``[B, D]`` (the input
+  of the last dense layer; D = 2 for ``lenet_2d``).
+* Attributes: ``num_classes``; ``dtype`` (compute dtype, default float32, e.g.
+  bfloat16 for mixed precision; parameters are always float32); dropout rates
+  where the papers use dropout.
+* BatchNorm uses ``use_running_average=not train`` and the ``batch_stats``
+  collection: in training pass ``mutable=['batch_stats']``.
+* Randomness in training comes from the rng names listed in the class attribute
+  ``rng_names``: ``'dropout'`` for dropout (and ConvLarge's input noise),
+  ``'shake'`` for Shake-Shake. Passing a name a model does not use is harmless;
+  eval mode needs no rngs.
+
+Registry names:
+
+================================  ===============================================
+``lenet_2d``                      LeNet, 28x28x1, 2-D feature layer (MNIST plots)
+``cnn_small``                     small CNN for 8x8 / 28x28 digits
+``cnn13`` / ``convlarge``         CNN-13 of Temporal Ensembling / Mean Teacher
+``wrn28_2``, ``wrn28_8``          WRN-28-k of FixMatch / MPL
+``wide_resnet``                   WRN with ``depth`` / ``width`` kwargs
+``shake_shake26_2x96d``           Shake-Shake-26 2x96d
+``shake_shake``                   Shake-Shake with ``width`` (and ``depth``) kwargs
+``resnet18``, ``resnet50``        ResNet v1, ImageNet or CIFAR stem by input size
+================================  ===============================================
+"""
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+
+from r2d2_jax.errors import R2D2Error, unknown_name
+from r2d2_jax.models.cnn_small import CNNSmall
+from r2d2_jax.models.convlarge import ConvLarge
+from r2d2_jax.models.lenet import LeNet
+from r2d2_jax.models.resnet import ResNet, ResNet18, ResNet50
+from r2d2_jax.models.shake_shake import ShakeShake
+from r2d2_jax.models.wide_resnet import WideResNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    'lenet_2d': functools.partial(LeNet, feature_dim=2),
+    'cnn_small': CNNSmall,
+    'cnn13': ConvLarge,
+    'convlarge': ConvLarge,
+    'wrn28_2': functools.partial(WideResNet, depth=28, width=2),
+    'wrn28_8': functools.partial(WideResNet, depth=28, width=8),
+    'wide_resnet': WideResNet,
+    'shake_shake26_2x96d': functools.partial(ShakeShake, depth=26, width=96),
+    'shake_shake': ShakeShake,
+    'resnet18': ResNet18,
+    'resnet50': ResNet50,
+}
+
+
+class UnknownModelError(R2D2Error, ValueError):
+  """A model name that is not in `MODELS`."""
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Builds a registered model.
+
+  Args:
+    name: A key of `MODELS`, e.g. 'wrn28_2'.
+    num_classes: Number of output logits.
+    **kwargs: Further module attributes, e.g. ``dtype=jnp.bfloat16``,
+      ``dropout_rate=0.2`` or ``depth=16, width=4`` for 'wide_resnet'.
+
+  Returns:
+    The (unbound) flax module.
+
+  Raises:
+    ValueError: (an `R2D2Error` too) if `name` is unknown; the message lists
+      the valid names.
+  """
+  if name not in MODELS:
+    raise UnknownModelError(str(unknown_name('model', name, MODELS)))
+  return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+__all__ = [
+    'MODELS', 'get_model', 'UnknownModelError', 'CNNSmall', 'ConvLarge',
+    'LeNet', 'ResNet', 'ResNet18', 'ResNet50', 'ShakeShake', 'WideResNet',
+]

@@ -1,0 +1,385 @@
+"""The training loop: a library function you can call from a notebook.
+
+`train_and_evaluate(config, workdir)` runs an experiment: a single stage, or a
+pipeline of stages (e.g. supervised → D2 → R2 → finetune) each in its own
+sub-folder of `workdir` and each starting from the previous stage's checkpoint.
+Re-running the same call resumes: a finished stage is skipped, an interrupted
+one continues from its last checkpoint.
+
+Resume order for one stage (as in big_vision): the stage's own checkpoint, then
+`init_from` (another run's checkpoint), then scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from r2d2_jax import checkpoint as ckpt_lib
+from r2d2_jax import losses
+from r2d2_jax import metrics as metrics_lib
+from r2d2_jax import models
+from r2d2_jax import optim
+from r2d2_jax import sharding
+from r2d2_jax.data import augment
+from r2d2_jax.data import pipeline as pipeline_lib
+from r2d2_jax.data import sources
+from r2d2_jax.errors import R2D2Error
+from r2d2_jax.methods import Context, get_method
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------
+# Views and normalisation (inside jit)
+
+
+def view_specs(views: dict[str, tuple[str, ...]],
+               augment_config: ml_collections.ConfigDict,
+               info: sources.DatasetInfo) -> dict[str, dict[str, dict]]:
+  """Turns a method's view names into augmentation specs.
+
+  A view called 'weak', 'weak_1', ... is a weak view; 'strong', 'strong_1', ...
+  strong; 'plain' is unaugmented. Their hyper-parameters come from
+  `config.data.augment.{weak,strong}`; `flip` defaults to whether the dataset
+  allows flips.
+  """
+  out = {}
+  for stream, names in views.items():
+    out[stream] = {}
+    for name in names:
+      kind = name.split("_")[0]
+      if kind == "plain":
+        out[stream][name] = {"kind": "none"}
+        continue
+      if kind not in ("weak", "strong"):
+        raise R2D2Error(f"Unknown view {name!r}: views are weak[_k], "
+                        "strong[_k] or plain.")
+      spec = dict(augment_config.get("weak", {}))
+      if kind == "strong":
+        spec.update(dict(augment_config.get("strong", {})))
+      if spec.get("flip") is None:
+        spec["flip"] = info.flip
+      out[stream][name] = {"kind": kind, **spec}
+  return out
+
+
+def normalize(images: jax.Array, info: sources.DatasetInfo) -> jax.Array:
+  """0..255 images to zero-mean unit-variance per channel, float32."""
+  mean = jnp.asarray(info.mean, jnp.float32)
+  std = jnp.asarray(info.std, jnp.float32)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def prepare_batch(batch: PyTree, key: jax.Array, step: jax.Array,
+                  specs: dict[str, dict[str, dict]],
+                  info: sources.DatasetInfo) -> PyTree:
+  """Augments and normalises each stream's views; keeps labels and indices."""
+  out = {}
+  for i, (stream, views) in enumerate(specs.items()):
+    b = batch[stream]
+    imgs = augment.make_views(jax.random.fold_in(key, i), step, b["image"],
+                              b["index"], views)
+    out[stream] = {k: normalize(v, info) for k, v in imgs.items()}
+    out[stream].update(label=b["label"], index=b["index"])
+  return out
+
+
+# ---------------------------------------------------------------------------
+# One stage
+
+
+def resolve_total_steps(config: ml_collections.ConfigDict,
+                        steps_per_epoch: int) -> int:
+  """`total_steps`, or `total_epochs` × steps per epoch of the unlabeled set."""
+  if config.get("total_epochs"):
+    return int(round(config.total_epochs * steps_per_epoch))
+  if not config.get("total_steps"):
+    raise R2D2Error("Set config.total_steps or config.total_epochs.")
+  return int(config.total_steps)
+
+
+def _every(config: ml_collections.ConfigDict, name: str, total: int) -> int:
+  v = int(config.get(name, 0) or 0)
+  return v if v > 0 else total
+
+
+class Stage:
+  """Everything built for one stage: mesh, data, model, compiled functions.
+
+  Building it does no training; `run()` does. Tests and notebooks use the parts
+  (e.g. `stage.train_step`, `stage.evaluate`).
+
+  Args:
+    config: the stage's config.
+    workdir: the stage's folder (checkpoints, split, summaries).
+    mesh: device mesh (default: all devices).
+    pipeline: a prebuilt input pipeline (default: from `config.data`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               mesh: jax.sharding.Mesh | None = None,
+               pipeline: pipeline_lib.InMemoryPipeline | None = None):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = mesh or sharding.make_mesh()
+    self.method = get_method(config.method)
+    self.pipeline = pipeline or pipeline_lib.make_pipeline(
+        config.data, config.seed, self.mesh, workdir)
+    self.info = self.pipeline.info
+    model_kwargs = dict(config.model.get("kwargs", {}))
+    if config.model.get("dtype"):
+      model_kwargs["dtype"] = jnp.dtype(config.model.dtype)
+    try:
+      model = models.get_model(config.model.name, self.info.num_classes,
+                               **model_kwargs)
+    except ValueError as e:
+      raise R2D2Error(str(e)) from None
+    self.total_steps = resolve_total_steps(config,
+                                           self.pipeline.steps_per_epoch())
+    tx, schedule = optim.make_optimizer(config.optimizer, self.total_steps)
+    self.ctx = Context(
+        config=config, model=model, tx=tx, schedule=schedule,
+        num_classes=self.info.num_classes, num_train=self.pipeline.num_train,
+        image_shape=self.info.image_shape, total_steps=self.total_steps,
+        steps_per_epoch=self.pipeline.steps_per_epoch())
+
+    key = jax.random.key(config.seed)
+    self._init_key, self._step_key, self._aug_key = jax.random.split(key, 3)
+    init_fn = functools.partial(self.method.init_state, ctx=self.ctx)
+    abstract = jax.eval_shape(init_fn, self._init_key)
+    self.state_shardings = self.method.state_sharding(abstract, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, self.state_shardings)
+    self._init = jax.jit(init_fn, out_shardings=self.state_shardings)
+
+    specs = view_specs(self.method.views(config), config.data.augment,
+                       self.info)
+    method, ctx, info = self.method, self.ctx, self.info
+    step_key, aug_key = self._step_key, self._aug_key
+
+    def train_step(state, batch):
+      step = state.step
+      rng = jax.random.fold_in(step_key, step)
+      prepared = prepare_batch(batch, aug_key, step, specs, info)
+      return method.train_step(state, prepared, rng, ctx=ctx)
+
+    repl = sharding.replicated(self.mesh)
+    self.train_step = jax.jit(
+        train_step,
+        in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
+        out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+
+    def eval_step(state, batch):
+      x = normalize(batch["image"], info)
+      mask = batch["mask"].astype(jnp.float32)
+      out = {"count": jnp.sum(mask)}
+      for name, variables in method.eval_variables(state).items():
+        logits = ctx.apply_eval(variables, x)
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        out[f"accuracy/{name}"] = jnp.sum(correct * mask)
+        out[f"losses/eval_xe_{name}"] = losses.cross_entropy(
+            logits, batch["label"], mask) * mask.shape[0]
+      return out
+
+    self._eval_step = jax.jit(eval_step, out_shardings=repl)
+
+  # -- state ----------------------------------------------------------------
+
+  def init_state(self) -> PyTree:
+    """A fresh state, created directly on its shardings."""
+    return self._init(self._init_key)
+
+  def evaluate(self, state: PyTree, split: str = "test") -> dict[str, float]:
+    """Accuracy and CE of raw and EMA weights over the whole split, exactly once."""
+    sums: dict[str, float] = {}
+    for batch in self.pipeline.eval_batches(
+        split, self.config.data.get("eval_batch_size", 500)):
+      for k, v in jax.device_get(self._eval_step(state, batch)).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    count = sums.pop("count")
+    return {k: v / count for k, v in sums.items()}
+
+  # -- the loop -------------------------------------------------------------
+
+  def run(self, init_from: str | None = None,
+          stage_name: str = "") -> dict[str, float]:
+    """Trains to `total_steps`, resuming from this stage's checkpoint if any.
+
+    Args:
+      init_from: another run's checkpoint folder to start from when this stage
+        has none of its own.
+      stage_name: shown in logs.
+
+    Returns:
+      The final evaluation metrics.
+    """
+    config, total = self.config, self.total_steps
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"),
+        max_to_keep=config.get("checkpoint_keep", 2),
+        async_save=config.get("checkpoint_async", True))
+    start = ckpt.latest_step()
+    if start is not None:
+      state, meta = ckpt.restore(start, self.abstract_state)
+      if start >= total:
+        logging.info("%s already complete at step %d.", stage_name or "Run",
+                     start)
+        ckpt.close()
+        return meta.get("final_metrics") or self.evaluate(state)
+      logging.info("Resuming %s from step %d.", stage_name or "run", start)
+    else:
+      start = 0
+      state = self.init_state()
+      if init_from:
+        previous, _ = ckpt_lib.restore_raw(init_from)
+        state = jax.device_put(
+            self.method.init_from(state, previous, self.ctx),
+            self.state_shardings)
+        logging.info("Initialised %s from %s.", stage_name or "run", init_from)
+
+    writer = metrics_lib.create_writer(self.workdir)
+    if start == 0:
+      writer.write_hparams(_flat_hparams(config))
+    progress = metrics_lib.Progress(total, start, writer, stage_name)
+    log_every = _every(config, "log_every_steps", total)
+    eval_every = _every(config, "eval_every_steps", total)
+    ckpt_every = _every(config, "checkpoint_every_steps", total)
+    averager = metrics_lib.Averager()
+
+    def note():
+      last = ckpt.latest_step()
+      where = os.path.join(self.workdir, "checkpoints")
+      return (f"The last good checkpoint (step {last}) in {where} is kept."
+              if last is not None else "No checkpoint had been saved yet.")
+
+    pending = None  # (step, device metrics): fetched one step late.
+
+    def flush():
+      nonlocal pending
+      if pending is not None:
+        step, m = pending
+        m = jax.device_get(m)
+        metrics_lib.check_finite(m, step, note())
+        averager.add(m)
+        pending = None
+
+    batches = self.pipeline.iterate(start)
+    final = {}
+    try:
+      for step in range(start + 1, total + 1):
+        for hook in self.method.hooks:
+          state = hook(self, state, step - 1)
+        state, m = self.train_step(state, next(batches))
+        flush()
+        pending = (step, m)
+        progress.update(step)
+        if step % log_every == 0 or step == total:
+          flush()
+          scalars = averager.result()
+          writer.write_scalars(step, scalars)
+          progress.log_line(step, scalars)
+        if step % eval_every == 0 or step == total:
+          flush()
+          final = self.evaluate(state)
+          writer.write_scalars(step, final)
+          progress.log_line(step, final)
+        if step % ckpt_every == 0 or step == total:
+          flush()
+          ckpt.save(step, state, {
+              "step": step, "total_steps": total, "stage": stage_name,
+              "final_metrics": final if step == total else None,
+              "time": time.time()})
+    finally:
+      progress.close()
+      writer.flush()
+      ckpt.close()
+    return final
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        yield from flat(v, f"{prefix}{k}.")
+      elif isinstance(v, (int, float, str, bool)):
+        yield f"{prefix}{k}", v
+      else:
+        yield f"{prefix}{k}", str(v)
+  return dict(flat(config.to_dict()))
+
+
+# ---------------------------------------------------------------------------
+# Stages
+
+
+def stage_config(config: ml_collections.ConfigDict,
+                 name: str) -> ml_collections.ConfigDict:
+  """The config of one stage: the base config updated with its overrides."""
+  base = copy.deepcopy(config.to_dict())
+  overrides = config.stages[name].to_dict()
+  for k in ("stages", "stage_order", "run_stages"):
+    base.pop(k, None)
+
+  def merge(dst, src):
+    for k, v in src.items():
+      if isinstance(v, dict) and isinstance(dst.get(k), dict):
+        merge(dst[k], v)
+      else:
+        dst[k] = v
+  merge(base, overrides)
+  return ml_collections.ConfigDict(base)
+
+
+def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
+  order = list(config.stage_order)
+  missing = [s for s in order if s not in config.stages]
+  if missing:
+    raise R2D2Error(f"config.stage_order names {missing}, which have no entry "
+                    f"in config.stages ({sorted(config.stages)}).")
+  chosen = config.get("run_stages") or ""
+  if not chosen:
+    return order
+  chosen = [s.strip() for s in chosen.split(",") if s.strip()]
+  unknown = [s for s in chosen if s not in order]
+  if unknown:
+    raise R2D2Error(f"config.run_stages names unknown stages {unknown}; this "
+                    f"config's stages are {order}.")
+  return [s for s in order if s in chosen]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Runs an experiment: one stage, or every selected stage in order.
+
+  Args:
+    config: the experiment config (see configs/).
+    workdir: where checkpoints, the split and summaries go. Re-running with the
+      same workdir resumes.
+
+  Returns:
+    The final evaluation metrics; for staged configs {stage: metrics}.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if not config.get("stages"):
+    return Stage(config, workdir).run(init_from=config.get("init_from"))
+  results = {}
+  previous = config.get("init_from")
+  chosen = selected_stages(config)
+  for name in config.stage_order:
+    stage_dir = os.path.join(workdir, name)
+    if name in chosen:
+      results[name] = Stage(stage_config(config, name), stage_dir).run(
+          init_from=previous, stage_name=name)
+    previous = os.path.join(stage_dir, "checkpoints")
+  return results

@@ -1,0 +1,164 @@
+"""The trainer: sharding parity, compilation, checkpoints, resume, stages, errors."""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r2d2_jax import checkpoint as ckpt_lib
+from r2d2_jax import methods
+from r2d2_jax import sharding
+from r2d2_jax import train
+from r2d2_jax.data import pipeline as pipeline_lib
+from r2d2_jax.errors import NonFiniteError, R2D2Error
+from r2d2_jax.methods import supervised
+from tests import helpers
+
+
+def _stage(tmp_path, name, config, devices):
+  mesh = sharding.make_mesh(devices)
+  return train.Stage(config, str(tmp_path / name), mesh=mesh)
+
+
+def _run_steps(stage, n, state=None):
+  state = stage.init_state() if state is None else state
+  batches = stage.pipeline.iterate(int(state.step))
+  for _ in range(n):
+    state, metrics = stage.train_step(state, next(batches))
+  return state, metrics
+
+
+def test_four_devices_equal_one(tmp_path):
+  c = helpers.tiny_config()
+  s4 = _stage(tmp_path, "four", c, jax.devices()[:4])
+  s1 = _stage(tmp_path, "one", c, jax.devices()[:1])
+  st4, m4 = _run_steps(s4, 3)
+  st1, m1 = _run_steps(s1, 3)
+  assert len(jax.tree.leaves(st4.params)[0].sharding.device_set) == 4
+  chex.assert_trees_all_close(jax.device_get(st4), jax.device_get(st1),
+                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(m4, m1, rtol=1e-5, atol=1e-6)
+
+
+def test_no_recompilation_across_steps(tmp_path):
+  s = _stage(tmp_path, "a", helpers.tiny_config(), jax.devices()[:2])
+  _run_steps(s, 4)
+  assert s.train_step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_checkpoint_round_trip(tmp_path):
+  s = _stage(tmp_path, "a", helpers.tiny_config(), jax.devices()[:2])
+  state, _ = _run_steps(s, 2)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  ck.save(2, state, {"step": 2})
+  restored, meta = ck.restore(2, s.abstract_state)
+  ck.close()
+  assert meta["step"] == 2
+  chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(restored))
+  assert (jax.tree.leaves(restored.params)[0].sharding ==
+          jax.tree.leaves(s.state_shardings.params)[0])
+
+
+def _final_params(workdir):
+  state, meta = ckpt_lib.restore_raw(workdir)
+  return state, meta
+
+
+def test_resume_continues_identically(tmp_path):
+  c = helpers.tiny_config(total_steps=6, checkpoint_every_steps=3)
+  train.train_and_evaluate(c, str(tmp_path / "straight"))
+  # Interrupted run: train to 3, then the same command again to 6.
+  c3 = helpers.tiny_config(total_steps=6, checkpoint_every_steps=3)
+  stage = train.Stage(c3, str(tmp_path / "resumed"))
+  stage.total_steps = 3  # stop early, as if killed after the step-3 save
+  stage.run()
+  assert ckpt_lib.Checkpointer(str(tmp_path / "resumed" / "checkpoints")
+                               ).latest_step() == 3
+  train.train_and_evaluate(c3, str(tmp_path / "resumed"))
+  a, meta_a = _final_params(str(tmp_path / "straight"))
+  b, meta_b = _final_params(str(tmp_path / "resumed"))
+  assert meta_a["step"] == meta_b["step"] == 6
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_rerun_of_finished_run_returns_results(tmp_path):
+  c = helpers.tiny_config()
+  first = train.train_and_evaluate(c, str(tmp_path))
+  again = train.train_and_evaluate(c, str(tmp_path))
+  assert first == again and 0.0 <= first["accuracy/raw"] <= 1.0
+
+
+def _nan_method():
+  def train_step(state, batch, rng, ctx):
+    state, m = supervised.train_step(state, batch, rng, ctx)
+    m["losses/total"] = jnp.where(state.step >= 3, jnp.nan, m["losses/total"])
+    return state, m
+  return methods.Method(name="nan_at_3", views=supervised.views,
+                        init_state=supervised.init_state, train_step=train_step)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+  monkeypatch.setitem(methods.METHODS, "nan_at_3", _nan_method())
+  c = helpers.tiny_config("nan_at_3", total_steps=6, checkpoint_every_steps=2,
+                          log_every_steps=1)
+  with pytest.raises(NonFiniteError, match=r"'losses/total' is nan at step 3.*"
+                     r"checkpoint \(step 2\)"):
+    train.train_and_evaluate(c, str(tmp_path))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ck.latest_step() == 2
+
+
+def test_stages_hand_over_checkpoints(tmp_path):
+  c = helpers.tiny_config(total_steps=2)
+  c.stage_order = ("pretrain", "finetune")
+  c.stages = {"pretrain": {"optimizer": {"lr": 0.05}},
+              "finetune": {"optimizer": {"lr": 0.001}, "total_steps": 3}}
+  res = train.train_and_evaluate(c, str(tmp_path))
+  assert set(res) == {"pretrain", "finetune"}
+  pre, _ = ckpt_lib.restore_raw(str(tmp_path / "pretrain"))
+  fin, meta = ckpt_lib.restore_raw(str(tmp_path / "finetune"))
+  assert meta["step"] == 3 and meta["stage"] == "finetune"
+  # The finetune stage started from the pretrain network: 3 small steps away.
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), pre["params"],
+                      fin["params"])
+  assert max(jax.tree.leaves(diff)) < 0.05
+  # Selecting only the last stage reuses the first stage's checkpoint.
+  c.run_stages = "finetune"
+  assert set(train.train_and_evaluate(c, str(tmp_path))) == {"finetune"}
+  c.run_stages = "nope"
+  with pytest.raises(R2D2Error, match="unknown stages"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_stage_config_merges_overrides():
+  c = helpers.tiny_config()
+  c.stage_order = ("a",)
+  c.stages = {"a": {"optimizer": {"lr": 0.5}, "method": "supervised"}}
+  s = train.stage_config(c, "a")
+  assert s.optimizer.lr == 0.5 and s.optimizer.momentum == 0.9
+  assert "stages" not in s
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "fixmatchh", "Valid methods: .*supervised"),
+    ("model.name", "resnet7", "Valid models: .*cnn_small"),
+    ("data.dataset", "cifar11", "Valid datasets: .*digits"),
+    ("data.batch_size", 12, "not divisible by the number of devices"),
+    ("data.num_labels", 5000, "labels per class"),
+])
+def test_bad_input_errors(tmp_path, field, value, match):
+  c = helpers.tiny_config(**{field: value})
+  with pytest.raises(R2D2Error, match=match):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_init_from_wrong_model_is_clear(tmp_path):
+  train.train_and_evaluate(helpers.tiny_config(total_steps=1),
+                           str(tmp_path / "a"))
+  c = helpers.tiny_config(**{"model.kwargs": {"widths": (8, 8, 8)}}, total_steps=1)
+  c.init_from = str(tmp_path / "a")
+  with pytest.raises(R2D2Error, match="do not match this model"):
+    train.train_and_evaluate(c, str(tmp_path / "b"))
