@@ -49,3 +49,47 @@ def mnist_data(c: ml_collections.ConfigDict, num_labels: int = 100) -> None:
   c.data.num_labels = num_labels
   c.data.augment.weak.translate = 2
   c.data.augment.strong.cutout = 8
+
+
+def r2d2_block(c: ml_collections.ConfigDict) -> None:
+  """R2-D2's hyper-parameters (ALGORITHMS.md §1): α = 0.1, β = 0.03.
+
+  label_lr = λ / n, the label step per unit of (α/n)-scaled gradient: the paper's
+  λ = 4000 at a mixed batch of n = 512 is 7.8125, i.e. a per-visit step
+  λα/n ≈ 0.78 on each unlabeled row, whatever the batch size.
+  """
+  c.r2d2 = ml_collections.ConfigDict(dict(
+      alpha=0.1, beta=0.03, label_lr=4000 / 512, label_grad="closed_form",
+      repredict_epochs=(0,)))
+
+
+def r2d2_stages(c: ml_collections.ConfigDict, *, supervised: dict,
+                d2: dict, r2: dict, finetune: dict) -> None:
+  """The four-stage R2-D2 pipeline: supervised → D2 → R2 → finetune.
+
+  Each argument is that stage's overrides of the base config `c`. The D2 stage
+  initialises the table by prediction (reprediction at its epoch 0); the R2
+  stage repredicts at the epochs in its `r2d2.repredict_epochs`; finetune trains
+  on argmax Y over every training image.
+  """
+  r2d2_block(c)
+  c.stage_order = ("supervised", "d2", "r2", "finetune")
+  c.run_stages = ""
+  c.stages = ml_collections.ConfigDict({
+      "supervised": _merged(dict(method="supervised", data=dict(uratio=0)),
+                            supervised),
+      "d2": _merged(dict(method="r2d2"), d2),
+      "r2": _merged(dict(method="r2d2"), r2),
+      "finetune": _merged(dict(method="r2d2_finetune",
+                               data=dict(unlabeled="all")), finetune),
+  })
+
+
+def _merged(defaults: dict, overrides: dict) -> dict:
+  out = dict(defaults)
+  for k, v in overrides.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
+      out[k] = _merged(out[k], v)
+    else:
+      out[k] = v
+  return out

@@ -7,7 +7,9 @@ An optimizer block looks like
                                  decay_steps=None))
 Schedules: 'constant', 'cosine' (half cosine to 0 over `decay_steps`, which may be
 longer than the run, as in R2-D2's "scheduled for 350 epochs"), 'fixmatch_cosine'
-(lr·cos(7πk/16K)), 'piecewise' (`boundaries` steps, `scales` multipliers).
+(lr·cos(7πk/16K)), 'piecewise' (at each of `boundaries` — steps — or of
+`boundary_fractions` of the horizon, the lr is multiplied by the matching entry
+of `scales`; multipliers compound, as in optax).
 All take a linear `warmup_steps` and `wait_steps` of lr 0 before it (the MPL
 student waits 3000 steps).
 """
@@ -55,6 +57,8 @@ def make_schedule(lr: float, config: ml_collections.ConfigDict | None,
                                   (16 * decay_len))
   elif name == "piecewise":
     boundaries = list(config.get("boundaries", ()))
+    if config.get("boundary_fractions"):
+      boundaries = [round(f * horizon) for f in config.boundary_fractions]
     scales = list(config.get("scales", ()))
     if len(boundaries) != len(scales):
       raise ValueError("schedule.boundaries and schedule.scales must have the "

@@ -151,7 +151,12 @@ class Stage:
         config=config, model=model, tx=tx, schedule=schedule,
         num_classes=self.info.num_classes, num_train=self.pipeline.num_train,
         image_shape=self.info.image_shape, total_steps=self.total_steps,
-        steps_per_epoch=self.pipeline.steps_per_epoch())
+        steps_per_epoch=self.pipeline.steps_per_epoch(), mesh=self.mesh,
+        labeled_index=self.pipeline.split.labeled,
+        unlabeled_index=self.pipeline.split.unlabeled,
+        train_labels=self.pipeline.train_labels)
+    # Compiled helpers of hooks (e.g. reprediction), built on first use.
+    self.cache: dict[str, Any] = {}
 
     key = jax.random.key(config.seed)
     self._init_key, self._step_key, self._aug_key = jax.random.split(key, 3)
@@ -165,6 +170,7 @@ class Stage:
 
     specs = view_specs(self.method.views(config), config.data.augment,
                        self.info)
+    self.streams = tuple(specs)
     method, ctx, info = self.method, self.ctx, self.info
     step_key, aug_key = self._step_key, self._aug_key
 
@@ -274,12 +280,14 @@ class Stage:
         averager.add(m)
         pending = None
 
-    batches = self.pipeline.iterate(start)
+    batches = self.pipeline.iterate(start, self.streams)
     final = {}
     try:
       for step in range(start + 1, total + 1):
         for hook in self.method.hooks:
-          state = hook(self, state, step - 1)
+          state, hook_metrics = hook(self, state, step - 1)
+          if hook_metrics:
+            writer.write_scalars(step - 1, hook_metrics)
         state, m = self.train_step(state, next(batches))
         flush()
         pending = (step, m)

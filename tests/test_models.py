@@ -43,10 +43,9 @@ SHAPE_CASES = [
 
 # Penultimate feature width per registry name (default kwargs).
 FEATURE_DIM = {
-    'lenet_2d': 2, 'cnn_small': 128, 'cnn13': 128, 'convlarge': 128,
-    'wrn28_2': 128, 'wrn28_8': 512, 'wide_resnet': 128,
-    'shake_shake26_2x96d': 384, 'shake_shake': 384,
-    'resnet18': 512, 'resnet50': 2048,
+    'lenet_2d': 2, 'cnn_small': 128, 'cnn13': 128, 'wrn28_2': 128,
+    'wrn28_8': 512, 'shake_shake26_2x96d': 384, 'resnet18': 512,
+    'resnet50': 2048,
 }
 
 # Models with BatchNorm (so a `batch_stats` collection).
@@ -62,13 +61,16 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0,
 
 def _rngs(model: Any, seed: int) -> dict[str, jax.Array]:
   """One key per rng name the model declares."""
-  keys = jax.random.split(jax.random.key(seed), max(len(model.rng_names), 1))
-  return {name: k for name, k in zip(model.rng_names, keys)}
+  names = model.rng_names
+  if not names:
+    return {}
+  return dict(zip(names, jax.random.split(jax.random.key(seed), len(names))))
 
 
 def _abstract_variables(model: Any, shape: tuple[int, ...]):
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
   return jax.eval_shape(functools.partial(model.init, train=False),
-                        jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
+                        jax.random.key(0), x)
 
 
 def _num_params(params) -> int:
@@ -203,8 +205,10 @@ def _built(case_id: str, dtype: Any = jnp.float32):
   train_apply = jax.jit(lambda v, x, rngs: model.apply(
       v, x, train=True, return_features=True, rngs=rngs,
       mutable=['batch_stats']), compiler_options=FAST_COMPILE)
-  eval_apply = jax.jit(lambda v, x: model.apply(
-      v, x, train=False, return_features=True), compiler_options=FAST_COMPILE)
+  # Takes rngs too, to check that eval ignores them.
+  eval_apply = jax.jit(lambda v, x, rngs: model.apply(
+      v, x, train=False, return_features=True, rngs=rngs),
+                       compiler_options=FAST_COMPILE)
   return name, model, variables, x, train_apply, eval_apply, feature_dim
 
 
@@ -227,12 +231,13 @@ def test_forward(case_id):
   else:
     assert 'batch_stats' not in updates
 
-  logits_eval, features_eval = eval_apply(variables, x)
+  logits_eval, features_eval = eval_apply(variables, x, _rngs(model, 0))
   chex.assert_shape(logits_eval, (batch, NUM_CLASSES))
   chex.assert_shape(features_eval, (batch, dim))
   chex.assert_tree_all_finite((logits_eval, features_eval))
-  # Eval is deterministic.
-  chex.assert_trees_all_equal(eval_apply(variables, x), (logits_eval, features_eval))
+  # Eval is deterministic: other rngs give the same output.
+  chex.assert_trees_all_equal(eval_apply(variables, x, _rngs(model, 1)),
+                              (logits_eval, features_eval))
 
 
 @pytest.mark.parametrize('case_id', list(CASES_BY_ID))
@@ -253,14 +258,17 @@ def test_train_randomness_follows_rngs(case_id):
 def test_bfloat16_forward_returns_float32(case_id):
   _, model, variables, x, train_apply, eval_apply, _ = _built(
       case_id, jnp.bfloat16)
-  (logits, features), _ = train_apply(variables, x, _rngs(model, 0))
-  chex.assert_type([logits, features, *eval_apply(variables, x)], jnp.float32)
+  (logits, features), updates = train_apply(variables, x, _rngs(model, 0))
+  chex.assert_type([logits, features, *eval_apply(variables, x, {})],
+                   jnp.float32)
   chex.assert_tree_all_finite(logits)
+  # Running statistics stay float32 too, so the train state keeps its dtypes.
+  chex.assert_type(jax.tree.leaves(updates), jnp.float32)
 
 
 def test_lenet_features_are_2d_and_feed_the_classifier():
   _, _, variables, x, _, eval_apply, _ = _built('lenet_2d')
-  logits, features = eval_apply(variables, x)
+  logits, features = eval_apply(variables, x, {})
   chex.assert_shape(features, (x.shape[0], 2))
   head = variables['params']['classifier']
   chex.assert_trees_all_close(

@@ -79,6 +79,11 @@ class InMemoryPipeline:
   def num_train(self) -> int:
     return len(self.train)
 
+  @property
+  def train_labels(self) -> np.ndarray:
+    """True labels of the whole train split (for diagnostics)."""
+    return self.train.labels
+
   def steps_per_epoch(self, stream: str = "unlabeled") -> int:
     """Steps for one pass over a stream (unlabeled if there is one)."""
     if stream not in self._samplers:
@@ -86,10 +91,18 @@ class InMemoryPipeline:
     pool, s = self._samplers[stream]
     return max(1, -(-len(pool) // s.batch_size))
 
-  def host_batch(self, step: int) -> dict[str, dict[str, np.ndarray]]:
-    """This process's rows of the global batch at `step`."""
+  def host_batch(self, step: int, streams: tuple[str, ...] | None = None
+                 ) -> dict[str, dict[str, np.ndarray]]:
+    """This process's rows of the global batch at `step`.
+
+    Args:
+      step: the step.
+      streams: which of 'labeled' / 'unlabeled' to read (default: both).
+    """
     out = {}
     for stream, (pool, s) in self._samplers.items():
+      if streams is not None and stream not in streams:
+        continue
       rows = sharding.process_slice(s.batch_size, self.mesh)
       idx = pool[s.positions(step)[rows]]
       out[stream] = {"image": self.train.images[idx],
@@ -97,12 +110,20 @@ class InMemoryPipeline:
                      "index": idx.astype(np.int32)}
     return out
 
-  def global_batch(self, step: int) -> Any:
-    return sharding.to_global(self.host_batch(step), self.mesh)
+  def global_batch(self, step: int,
+                   streams: tuple[str, ...] | None = None) -> Any:
+    return sharding.to_global(self.host_batch(step, streams), self.mesh)
 
-  def iterate(self, start_step: int, prefetch: int = 2) -> Iterator[Any]:
+  def iterate(self, start_step: int, streams: tuple[str, ...] | None = None,
+              prefetch: int = 2) -> Iterator[Any]:
     """Global batches for start_step, start_step + 1, ..., built ahead in a thread."""
-    return _prefetch((self.host_batch(k) for k in _count(start_step)),
+    missing = set(streams or ()) - set(self._samplers)
+    if missing:
+      raise R2D2Error(
+          f"The method reads the {sorted(missing)} stream but data.uratio="
+          f"{self.config.get('uratio', 0)} gives no unlabeled batch; set "
+          "data.uratio > 0.")
+    return _prefetch((self.host_batch(k, streams) for k in _count(start_step)),
                      prefetch, lambda b: sharding.to_global(b, self.mesh))
 
   def eval_batches(self, split: str, batch_size: int) -> Iterator[Any]:
@@ -173,11 +194,15 @@ def _prefetch(it: Iterator[Any], size: int, finish) -> Iterator[Any]:
 
 
 def make_pipeline(config: ml_collections.ConfigDict, seed: int, mesh: Mesh,
-                  workdir: str | None = None) -> InMemoryPipeline:
-  """Builds the input pipeline of `config.dataset`."""
+                  workdir: str | None = None) -> Any:
+  """Builds the input pipeline of `config.dataset`.
+
+  Returns an `InMemoryPipeline`, or for streamed datasets (`in_memory=False`,
+  i.e. ImageNet) an `imagenet.StreamingPipeline` with the same interface.
+  """
   info = sources.get_info(config.dataset)
   if not info.in_memory:
-    raise R2D2Error(
-        f"Dataset {config.dataset!r} is streamed; its pipeline is "
-        "r2d2_jax.data.imagenet, not available in this build yet.")
+    # Imported here: it pulls in tensorflow, which small datasets do not need.
+    from r2d2_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+    return imagenet.StreamingPipeline(config, seed, mesh, workdir)
   return InMemoryPipeline(config, seed, mesh, workdir)

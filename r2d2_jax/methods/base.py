@@ -16,7 +16,9 @@ and optionally
       default: everything replicated;
   init_from(state, previous, ctx) -> state
       start from a previous stage's checkpoint (default: copy its network);
-  hooks: host-side callbacks between steps (e.g. R2-D2's reprediction).
+  hooks: host-side callbacks run before each step,
+      `hook(stage, state, step) -> (state, metrics or None)` (e.g. R2-D2's
+      reprediction and pseudo-label diagnostics).
 `ctx` (a `Context`) carries the model, optimizer, schedule and config; the trainer
 binds it with `functools.partial` before `jax.jit`.
 """
@@ -29,6 +31,7 @@ from typing import Any, Callable, Mapping
 import flax
 import jax
 import ml_collections
+import numpy as np
 import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -54,6 +57,11 @@ class Context:
     image_shape: (H, W, C) of model inputs.
     total_steps: length of this stage.
     steps_per_epoch: steps for one pass over the unlabeled (else labeled) set.
+    mesh: the device mesh (for sharded per-example tables).
+    labeled_index: train-split rows of the labeled examples.
+    unlabeled_index: train-split rows of the unlabeled pool.
+    train_labels: true labels of the train split (diagnostics only: a method
+      must never train on the labels of unlabeled rows).
   """
   config: ml_collections.ConfigDict
   model: nn.Module
@@ -64,6 +72,10 @@ class Context:
   image_shape: tuple[int, int, int]
   total_steps: int
   steps_per_epoch: int
+  mesh: Mesh | None = None
+  labeled_index: np.ndarray | None = None
+  unlabeled_index: np.ndarray | None = None
+  train_labels: np.ndarray | None = None
 
   @property
   def ema_decay(self) -> float:

@@ -1,0 +1,123 @@
+r"""Compiled train-step time and images/s per model, on the current backend.
+
+  python -m benchmarks.step_time --write            # every model, paper batches
+  python -m benchmarks.step_time --models wrn28_2 --batch_scale 0.25
+
+Each model runs the supervised step of the trainer (augmentation on device,
+forward, backward, optimizer and EMA update) on random uint8 images of its
+dataset's shape, at its paper batch size times `--batch_scale`. Compile time is
+the first call; step time is the median over `--steps` timed calls, each
+synchronised with `block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import report
+from configs import common
+from r2d2_jax import sharding
+from r2d2_jax import train
+from r2d2_jax.data import pipeline as pipeline_lib
+from r2d2_jax.data import sources
+
+# model -> (dataset whose image shape it takes, paper batch size, where from)
+PAPER = {
+    "cnn_small": ("digits", 32, "quick start"),
+    "lenet_2d": ("mnist", 100, "R2-D2 MNIST illustration"),
+    "cnn13": ("cifar10", 256, "SemiMeta: 128 labeled + 128 unlabeled"),
+    "wrn28_2": ("cifar10", 512, "FixMatch/MPL: 64 + 7x64"),
+    "shake_shake26_2x96d": ("cifar10", 512, "R2-D2 D2: 128 + 384"),
+    "resnet18": ("imagenet2012", 512, "R2-D2 ImageNet"),
+    "resnet50": ("imagenet2012", 1024, "MPL ImageNet, labeled batch"),
+}
+
+
+def fake_arrays(dataset: str, n: int) -> dict[str, sources.ArraySplit]:
+  info = sources.get_info(dataset)
+  rng = np.random.default_rng(0)
+  mk = lambda k: sources.ArraySplit(
+      rng.integers(0, 256, (k, *info.image_shape), dtype=np.uint8),
+      (np.arange(k) % info.num_classes).astype(np.int32))
+  return {"train": mk(n), "test": mk(8)}
+
+
+def measure(model: str, batch: int, steps: int, dtype: str = "") -> dict:
+  """Compile time and median step time of the supervised step."""
+  dataset = PAPER[model][0]
+  c = common.base_config()
+  c.model.name = model
+  c.model.dtype = dtype
+  c.data.dataset = dataset
+  c.data.num_labels = -1
+  c.data.batch_size = batch
+  c.data.eval_batch_size = 8
+  c.total_steps = steps + 1
+  arrays = fake_arrays(dataset, max(batch, 16))
+  with tempfile.TemporaryDirectory() as wd:
+    mesh = sharding.make_mesh()
+    pipe = pipeline_lib.InMemoryPipeline(c.data, 0, mesh, arrays=arrays)
+    stage = train.Stage(c, wd, mesh=mesh, pipeline=pipe)
+    state = stage.init_state()
+    batches = [pipe.global_batch(k) for k in range(2)]
+    t0 = time.perf_counter()
+    state, m = stage.train_step(state, batches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for k in range(steps):
+      t0 = time.perf_counter()
+      state, m = stage.train_step(state, batches[k % 2])
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  return {"model": model, "batch": batch, "compile_s": compile_s,
+          "step_ms": step_s * 1e3, "images_per_s": batch / step_s}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", nargs="*", default=list(PAPER))
+  parser.add_argument("--batch_scale", type=float, default=1.0)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--dtype", default="", help="e.g. bfloat16")
+  parser.add_argument("--write", action="store_true",
+                      help="write the table into docs/benchmarks.md")
+  args = parser.parse_args()
+  rows = []
+  for name in args.models:
+    batch = max(jax.device_count(),
+                int(PAPER[name][1] * args.batch_scale) // jax.device_count() *
+                jax.device_count())
+    r = measure(name, batch, args.steps, args.dtype)
+    r["source"] = PAPER[name][2]
+    rows.append(r)
+    print(f"{name:22s} batch {batch:5d}  compile {r['compile_s']:7.1f}s  "
+          f"step {r['step_ms']:9.1f}ms  {r['images_per_s']:9.1f} img/s",
+          flush=True)
+  if args.write:
+    cmd = " ".join(["python -m benchmarks.step_time", *sys.argv[1:]])
+    lines = [
+        "## Supervised train step per model", "",
+        f"Command: `{' '.join(cmd.split())}`", "",
+        f"Measured: {report.environment()}.", "",
+        "| model | batch | paper batch (source) | compile s | step ms | images/s |",
+        "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+      lines.append(
+          f"| {r['model']} | {r['batch']} | {PAPER[r['model']][1]} "
+          f"({r['source']}) | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
+          f"{r['images_per_s']:.0f} |")
+    report.write_section("step_time" + (f"_{args.dtype}" if args.dtype else ""),
+                         "\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
