@@ -4,8 +4,8 @@ Times `r2d2_jax.data.augment.make_views` with a weak view (flip + translate)
 and a strong view (weak + RandAugment + cutout) on batches of random uint8
 images, jitted, after warm-up, on the default backend::
 
-  python benchmarks/input_pipeline.py            # print
-  python benchmarks/input_pipeline.py --write    # and update docs/benchmarks.md
+  python -m benchmarks.input_pipeline            # print
+  python -m benchmarks.input_pipeline --write    # and update docs/benchmarks.md
 
 "images/s" counts source images; each yields both views.  "per core" divides
 by the CPU cores this process may use.  Wall-clock figures suffer when other
@@ -32,14 +32,9 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-try:
-  from r2d2_jax.data import augment
-except ImportError:  # Run from a checkout without `pip install -e .`.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from r2d2_jax.data import augment
+from benchmarks import report
+from r2d2_jax.data import augment
 
-BEGIN = "<!-- BEGIN input_pipeline -->"
-END = "<!-- END input_pipeline -->"
 TARGET_PER_CORE = 1500.0  # images/s per core, weak + strong at 32x32x3
 SHAPES = ((32, 32, 3), (28, 28, 1))
 
@@ -126,7 +121,6 @@ def markdown(results: dict[str, dict[str, float]], args: argparse.Namespace,
   load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
   r32 = results.get("32x32x3")
   lines = [
-      BEGIN,
       "## Input pipeline",
       "",
       "On-device generation of a weak view (flip + translate "
@@ -138,7 +132,8 @@ def markdown(results: dict[str, dict[str, float]], args: argparse.Namespace,
       "images (each yields both views); \"per core\" divides by the "
       f"{cores} CPU cores the process may use; \"images per CPU-second\" "
       "divides by the CPU time the process used, which is robust to other "
-      "processes sharing the machine.",
+      "processes sharing the machine; \"cores busy\" = CPU time / wall time "
+      "(XLA:CPU runs most of this program on one thread).",
       "",
       f"- Command: `{command}`",
       f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
@@ -148,43 +143,22 @@ def markdown(results: dict[str, dict[str, float]], args: argparse.Namespace,
       f"(1, 5, 15 min) at the end: {load}",
       "",
       "| images | batch | ms / batch (median) | ms / batch (best) | images/s "
-      "| images/s per core | CPU ms / batch | images per CPU-second |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
+      "| images/s per core | CPU ms / batch | images per CPU-second "
+      "| cores busy |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name, r in results.items():
     lines.append(
         f"| {name} | {args.batch} | {1e3 * r['wall_s']:.1f} "
         f"| {1e3 * r['best_wall_s']:.1f} | {r['images_per_s']:,.0f} "
         f"| {r['images_per_s_per_core']:,.0f} | {1e3 * r['cpu_s']:.1f} "
-        f"| {r['images_per_cpu_s']:,.0f} |")
+        f"| {r['images_per_cpu_s']:,.0f} | {r['cpu_s'] / r['wall_s']:.2f} |")
   if r32 is not None:
     ok = r32["images_per_s_per_core"] >= TARGET_PER_CORE
     lines += ["", f"Target: at least {TARGET_PER_CORE:,.0f} images/s per core "
               f"at 32x32x3 (weak + strong): {'met' if ok else 'NOT met'} "
               f"({r32['images_per_s_per_core']:,.0f})."]
-  lines.append(END)
   return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, section: str) -> None:
-  """Replaces the marked section of `path` (or appends it; creates the file)."""
-  text = ""
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1].lstrip("\n")
-    text = head + section + ("\n" + tail if tail else "")
-  else:
-    if not text:
-      text = "# Benchmarks\n\n"
-    elif not text.endswith("\n\n"):
-      text = text.rstrip("\n") + "\n\n"
-    text += section
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
       "benchmarks.md"))
   args = parser.parse_args(argv)
-  command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+  command = "python -m benchmarks.input_pipeline " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
 
   views = views_config(args.translate, args.num_ops, args.magnitude,
                        args.cutout)
@@ -223,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
   print(f"target {TARGET_PER_CORE:,.0f} images/s per core at 32x32x3: "
         f"{'met' if r32 >= TARGET_PER_CORE else 'NOT met'}")
   if args.write:
-    write_section(args.doc, markdown(results, args, command))
+    report.write_section("input_pipeline", markdown(results, args, command),
+                         path=args.doc)
     print(f"wrote {args.doc}")
 
 

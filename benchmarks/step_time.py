@@ -49,24 +49,44 @@ def fake_arrays(dataset: str, n: int) -> dict[str, sources.ArraySplit]:
   return {"train": mk(n), "test": mk(8)}
 
 
-def measure(model: str, batch: int, steps: int, dtype: str = "") -> dict:
-  """Compile time and median step time of the supervised step."""
-  dataset = PAPER[model][0]
+def measure(model: str, batch: int, steps: int, dtype: str = "",
+            method: str = "supervised", dataset: str | None = None) -> dict:
+  """Compile time and median step time of one method's train step.
+
+  Args:
+    model: registry name.
+    batch: images per step; methods with an unlabeled stream get a quarter
+      labeled and three quarters unlabeled (R2-D2's mixed batch).
+    steps: timed steps.
+    dtype: compute dtype ('' for float32).
+    method: registry name of the method.
+    dataset: whose image shape to use (default: the model's paper dataset).
+  """
+  dataset = dataset or PAPER[model][0]
   c = common.base_config()
+  c.method = method
   c.model.name = model
   c.model.dtype = dtype
   c.data.dataset = dataset
-  c.data.num_labels = -1
-  c.data.batch_size = batch
   c.data.eval_batch_size = 8
   c.total_steps = steps + 1
-  arrays = fake_arrays(dataset, max(batch, 16))
+  n_train = max(2 * batch, 64)
+  if method == "supervised":
+    c.data.num_labels = -1
+    c.data.batch_size = batch
+  else:
+    common.r2d2_block(c)
+    c.data.batch_size = batch // 4
+    c.data.uratio = 3
+    c.data.unlabeled = "all"
+    c.data.num_labels = max(10, n_train // 20 // 10 * 10)
+  arrays = fake_arrays(dataset, n_train)
   with tempfile.TemporaryDirectory() as wd:
     mesh = sharding.make_mesh()
     pipe = pipeline_lib.InMemoryPipeline(c.data, 0, mesh, arrays=arrays)
     stage = train.Stage(c, wd, mesh=mesh, pipeline=pipe)
     state = stage.init_state()
-    batches = [pipe.global_batch(k) for k in range(2)]
+    batches = [pipe.global_batch(k, stage.streams) for k in range(2)]
     t0 = time.perf_counter()
     state, m = stage.train_step(state, batches[0])
     jax.block_until_ready(m)
@@ -78,7 +98,8 @@ def measure(model: str, batch: int, steps: int, dtype: str = "") -> dict:
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
-  return {"model": model, "batch": batch, "compile_s": compile_s,
+  return {"model": model, "method": method, "batch": batch,
+          "compile_s": compile_s,
           "step_ms": step_s * 1e3, "images_per_s": batch / step_s}
 
 

@@ -15,6 +15,11 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir=ml_collections.FieldReference(None, field_type=str),
       manual_dir=ml_collections.FieldReference(None, field_type=str),
       num_labels=50,          # class-balanced; -1 for every example
+      # Streamed datasets (imagenet2012) only:
+      labeled_fraction=ml_collections.FieldReference(None, field_type=float),
+      image_size=224,
+      shuffle_buffer=10_000,
+      label_cache=ml_collections.FieldReference(None, field_type=str),
       split_seed=ml_collections.FieldReference(None, field_type=int),
       unlabeled="rest",       # 'rest' or 'all'
       batch_size=64,          # labeled examples per step (global)
@@ -93,3 +98,19 @@ def _merged(defaults: dict, overrides: dict) -> dict:
     else:
       out[k] = v
   return out
+
+
+def runlocal_stages(c: ml_collections.ConfigDict, model: str = "cnn_small"
+                    ) -> None:
+  """Shrinks a staged config to a smoke test: a small model, a few steps each."""
+  c.model.name = model
+  for name in c.stage_order:
+    stage = c.stages[name]
+    stage.total_steps = 4
+    if "total_epochs" in stage:
+      stage.total_epochs = 0.0
+    if "r2d2" in stage:
+      stage.r2d2.repredict_epochs = (0.0,)
+  c.log_every_steps = 2
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 2

@@ -387,7 +387,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   for name in config.stage_order:
     stage_dir = os.path.join(workdir, name)
     if name in chosen:
-      results[name] = Stage(stage_config(config, name), stage_dir).run(
-          init_from=previous, stage_name=name)
+      cfg = stage_config(config, name)
+      if "label_cache" in cfg.data and not cfg.data.label_cache:
+        # Streamed datasets scan their labels once for the whole pipeline.
+        cfg.data.label_cache = os.path.join(workdir, "train_labels.npz")
+      results[name] = Stage(cfg, stage_dir).run(init_from=previous,
+                                                stage_name=name)
     previous = os.path.join(stage_dir, "checkpoints")
   return results

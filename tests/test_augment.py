@@ -228,7 +228,8 @@ def test_auto_contrast_and_equalize():
   # Random low-contrast images: values in a random sub-range of 0..255.
   rng = np.random.default_rng(5)
   imgs = np.stack([rng.integers(rng.integers(0, 100), rng.integers(101, 256),
-                                (32, 32, 3)) for _ in range(16)]).astype(np.uint8)
+                                (32, 32, 3)) for _ in range(16)])
+  imgs = imgs.astype(np.uint8)
   imgs[0, ..., 2] = 77  # a constant channel is left alone by both
   ac, eq = _run(jax.vmap(lambda x: (aug.auto_contrast(x), aug.equalize(x))),
                 imgs)
@@ -379,3 +380,15 @@ def test_magnitude_convention():
     np.testing.assert_array_equal(out[name], f, err_msg=name)
   # Only magnitude / max_magnitude matters.
   np.testing.assert_array_equal(out["ra_10"], out["ra_30"])
+
+
+def test_weak_view_with_cutout_changes_one_square():
+  img = jnp.full((32, 32, 3), 50, jnp.uint8)
+  out = augment.weak(jax.random.key(3), img, flip=False, translate=0,
+                     cutout=16)
+  changed = np.asarray((out != 50).any(-1))
+  assert 0 < changed.sum() <= 16 * 16
+  rows, cols = np.nonzero(changed)
+  assert rows.max() - rows.min() < 16 and cols.max() - cols.min() < 16
+  np.testing.assert_array_equal(
+      augment.weak(jax.random.key(3), img, flip=False, translate=0), 50.0)

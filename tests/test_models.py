@@ -18,8 +18,8 @@ from r2d2_jax import models
 from r2d2_jax.models import shake_shake
 
 EXPECTED_NAMES = (
-    'cnn13', 'cnn_small', 'convlarge', 'lenet_2d', 'resnet18', 'resnet50',
-    'shake_shake', 'shake_shake26_2x96d', 'wide_resnet', 'wrn28_2', 'wrn28_8')
+    'cnn13', 'cnn_small', 'convlarge', 'lenet_2d', 'mlp_mnist', 'resnet18',
+    'resnet50', 'shake_shake', 'shake_shake26_2x96d', 'wide_resnet', 'wrn28_2', 'wrn28_8')
 
 # Aliases and generic constructors whose defaults equal a named model; the
 # shape checks below cover the latter.
@@ -31,6 +31,7 @@ SHAPE_CASES = [
     ('lenet_2d', (2, 28, 28, 1)),
     ('cnn_small', (2, 8, 8, 1)),
     ('cnn_small', (2, 28, 28, 1)),
+    ('mlp_mnist', (2, 28, 28, 1)),
     ('cnn13', (2, 32, 32, 3)),
     ('wrn28_2', (2, 32, 32, 3)),
     ('wrn28_8', (2, 32, 32, 3)),
@@ -43,7 +44,7 @@ SHAPE_CASES = [
 
 # Penultimate feature width per registry name (default kwargs).
 FEATURE_DIM = {
-    'lenet_2d': 2, 'cnn_small': 128, 'cnn13': 128, 'wrn28_2': 128,
+    'lenet_2d': 2, 'cnn_small': 128, 'mlp_mnist': 150, 'cnn13': 128, 'wrn28_2': 128,
     'wrn28_8': 512, 'shake_shake26_2x96d': 384, 'resnet18': 512,
     'resnet50': 2048,
 }
@@ -182,7 +183,8 @@ FORWARD_CASES = [
      dict(depth=10, width=1, dropout_rate=0.5), (2, 32, 32, 3), 64),
     ('shake_shake8_2x8d', 'shake_shake', dict(depth=8, width=8),
      (2, 32, 32, 3), 32),
-    ('resnet18_cifar_stem', 'resnet18', dict(num_filters=8), (2, 32, 32, 3), 64),
+    ('resnet18_cifar_stem', 'resnet18', dict(num_filters=8),
+     (2, 32, 32, 3), 64),
     ('resnet50_imagenet_stem', 'resnet50',
      dict(num_filters=4, stage_sizes=(1, 1, 1, 1)), (2, 64, 64, 3), 128),
 ]

@@ -25,6 +25,7 @@ Registry names:
 ================================  ===============================================
 ``lenet_2d``                      LeNet, 28x28x1, 2-D feature layer (MNIST plots)
 ``cnn_small``                     small CNN for 8x8 / 28x28 digits
+``mlp_mnist``                     1200-600-300-150-150 MLP + BN (PI MNIST, VAT)
 ``cnn13`` / ``convlarge``         CNN-13 of Temporal Ensembling / Mean Teacher
 ``wrn28_2``, ``wrn28_8``          WRN-28-k of FixMatch / MPL
 ``wide_resnet``                   WRN with ``depth`` / ``width`` kwargs
@@ -43,6 +44,7 @@ from r2d2_jax.errors import R2D2Error, unknown_name
 from r2d2_jax.models.cnn_small import CNNSmall
 from r2d2_jax.models.convlarge import ConvLarge
 from r2d2_jax.models.lenet import LeNet
+from r2d2_jax.models.mlp import MLP
 from r2d2_jax.models.resnet import ResNet, ResNet18, ResNet50
 from r2d2_jax.models.shake_shake import ShakeShake
 from r2d2_jax.models.wide_resnet import WideResNet
@@ -50,6 +52,7 @@ from r2d2_jax.models.wide_resnet import WideResNet
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'lenet_2d': functools.partial(LeNet, feature_dim=2),
     'cnn_small': CNNSmall,
+    'mlp_mnist': MLP,
     'cnn13': ConvLarge,
     'convlarge': ConvLarge,
     'wrn28_2': functools.partial(WideResNet, depth=28, width=2),

@@ -28,7 +28,8 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), self.strides)(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
-    # Zero-init the last BN scale: each block starts as the identity (Goyal et al.).
+    # Zero-init the last BN scale: each block starts as the identity
+    # (Goyal et al., 2017), as in the flax ImageNet example.
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), self.strides,

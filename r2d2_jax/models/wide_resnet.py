@@ -106,7 +106,8 @@ class WideResNet(nn.Module):
     x = nn.leaky_relu(x, 0.1)
     features = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
-    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_normal(),
+    logits = nn.Dense(self.num_classes,
+                      kernel_init=nn.initializers.xavier_normal(),
                       dtype=self.dtype, param_dtype=jnp.float32,
                       name='classifier')(x)
     logits = logits.astype(jnp.float32)

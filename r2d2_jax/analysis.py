@@ -1,0 +1,83 @@
+"""Reading a finished run back: its networks, their features, its logged curves.
+
+For notebooks and result scripts: nothing here trains.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from r2d2_jax import checkpoint as ckpt_lib
+from r2d2_jax import models
+from r2d2_jax import train
+from r2d2_jax.data import sources
+
+
+def load_variables(stage_dir: str, ema: bool = False) -> dict[str, Any]:
+  """The network variables ({'params', 'batch_stats', ...}) of a run's last checkpoint."""
+  state, _ = ckpt_lib.restore_raw(stage_dir)
+  if "student" in state:
+    state = state["student"]
+  prefix = "ema_" if ema else ""
+  return {"params": state[f"{prefix}params"], **state[f"{prefix}model_state"]}
+
+
+def predict(config: ml_collections.ConfigDict, variables: dict[str, Any],
+            images: np.ndarray, batch_size: int = 1000
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Eval-mode logits and penultimate features of uint8 images.
+
+  Args:
+    config: the run's config (model and dataset).
+    variables: from `load_variables`.
+    images: uint8 [N, H, W, C].
+    batch_size: images per forward pass.
+
+  Returns:
+    (logits [N, classes], features [N, D]) as numpy arrays.
+  """
+  info = sources.get_info(config.data.dataset)
+  model = models.get_model(config.model.name, info.num_classes,
+                           **dict(config.model.get("kwargs", {})))
+
+  @jax.jit
+  def fwd(x):
+    return model.apply(variables, train.normalize(x, info), train=False,
+                       return_features=True)
+
+  out = [jax.device_get(fwd(jnp.asarray(images[i:i + batch_size])))
+         for i in range(0, len(images), batch_size)]
+  return (np.concatenate([o[0] for o in out]),
+          np.concatenate([o[1] for o in out]))
+
+
+def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Every scalar a run wrote to its TensorBoard event files.
+
+  Returns:
+    {name: (steps, values)} sorted by step.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  series: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.HasField("tensor"):
+          value = float(tf.make_ndarray(v.tensor))
+        elif v.HasField("simple_value"):
+          value = float(v.simple_value)
+        else:
+          continue
+        series.setdefault(v.tag, []).append((event.step, value))
+  out = {}
+  for tag, pts in series.items():
+    pts.sort()
+    out[tag] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
+  return out
