@@ -23,8 +23,9 @@ def environment() -> str:
 def write_section(name: str, body: str, path: str = DOC) -> None:
   """Replaces (or appends) the section between BEGIN/END markers for `name`."""
   begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+  title = os.path.basename(path)[:-3].capitalize()
   text = open(path).read() if os.path.exists(path) else (
-      "# Benchmarks\n\nEvery figure here was measured by the command shown "
+      f"# {title}\n\nEvery figure here was measured by the command shown "
       "beside it; rerun it to update its section.\n")
   block = f"{begin}\n{body.rstrip()}\n{end}"
   if begin in text and end in text:

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500
 
-  d2_epochs, r2_epochs = 60.0, 60.0
+  d2_epochs, r2_epochs = 40.0, 40.0
   block = r2_epochs // 4
   common.r2d2_stages(
       c,

@@ -45,6 +45,18 @@ def main(argv):
     sys.exit(1)
   if jax.process_index() == 0:
     print("Final results:", json.dumps(results, indent=1, sort_keys=True))
+    print(summary(results))
+
+
+def summary(results: dict) -> str:
+  """A table of test accuracy per stage (or for the single run)."""
+  rows = results if results and all(
+      isinstance(v, dict) for v in results.values()) else {"run": results}
+  lines = [f"{'stage':12s} {'accuracy/raw':>12s} {'accuracy/ema':>12s}"]
+  for name, r in rows.items():
+    lines.append(f"{name:12s} {r.get('accuracy/raw', float('nan')):12.4f} "
+                 f"{r.get('accuracy/ema', float('nan')):12.4f}")
+  return "\n".join(lines)
 
 
 def run():

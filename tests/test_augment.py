@@ -384,11 +384,10 @@ def test_magnitude_convention():
 
 def test_weak_view_with_cutout_changes_one_square():
   img = jnp.full((32, 32, 3), 50, jnp.uint8)
-  out = augment.weak(jax.random.key(3), img, flip=False, translate=0,
-                     cutout=16)
+  out = aug.weak(jax.random.key(3), img, flip=False, translate=0, cutout=16)
   changed = np.asarray((out != 50).any(-1))
   assert 0 < changed.sum() <= 16 * 16
   rows, cols = np.nonzero(changed)
   assert rows.max() - rows.min() < 16 and cols.max() - cols.min() < 16
   np.testing.assert_array_equal(
-      augment.weak(jax.random.key(3), img, flip=False, translate=0), 50.0)
+      aug.weak(jax.random.key(3), img, flip=False, translate=0), 50.0)

@@ -29,13 +29,16 @@ def _run(args, mock_tfds=False):
 def test_cli_digits_quickstart_runlocal(tmp_path):
   wd = str(tmp_path / "wd")
   r = _run(["--config", "configs/digits_quickstart.py:runlocal",
-            "--workdir", wd, "--config.total_steps=6",
+            "--workdir", wd, "--config.run_stages=supervised",
+            "--config.stages.supervised.total_steps=6",
             "--config.optimizer.lr=0.05"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Final results" in r.stdout and "accuracy/raw" in r.stdout
-  assert os.path.exists(os.path.join(wd, "split.json"))
-  assert os.path.isdir(os.path.join(wd, "checkpoints", "6"))
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
+  assert r.stdout.strip().splitlines()[-1].startswith("supervised ")
+  stage = os.path.join(wd, "supervised")
+  assert os.path.exists(os.path.join(stage, "split.json"))
+  assert os.path.isdir(os.path.join(stage, "checkpoints", "6"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(stage))
 
 
 def test_cli_mnist_on_mock_data(tmp_path):

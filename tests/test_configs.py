@@ -1,0 +1,77 @@
+"""Every config loads, documents its command, and matches the paper where it claims to."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from r2d2_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
+    os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith(("__init__.py", "common.py")))
+
+
+def _module(name):
+  return importlib.import_module(f"configs.{name}")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_with_command_and_runlocal(name):
+  mod = _module(name)
+  assert f"--config configs/{name}.py" in mod.__doc__
+  for arg in (None, "runlocal"):
+    c = mod.get_config(arg)
+    assert c.method and c.model.name and c.data.dataset
+    if c.get("stages"):
+      for stage in train.selected_stages(c):
+        train.stage_config(c, stage)
+  with pytest.raises(ValueError, match="Unknown variant"):
+    mod.get_config("nope")
+
+
+def test_r2d2_cifar10_matches_the_paper():
+  c = _module("r2d2_cifar10_4k").get_config()
+  assert c.model.name == "shake_shake26_2x96d"
+  assert c.data.dataset == "cifar10" and c.data.num_labels == 4000
+  assert (c.r2d2.alpha, c.r2d2.beta) == (0.1, 0.03)
+  assert c.r2d2.label_lr == 4000 / 512
+  assert c.optimizer.nesterov and c.optimizer.momentum == 0.9
+  assert c.optimizer.weight_decay == 2e-4
+  s = {n: train.stage_config(c, n) for n in c.stage_order}
+  assert list(c.stage_order) == ["supervised", "d2", "r2", "finetune"]
+  sup = s["supervised"]
+  assert (sup.total_epochs, sup.data.batch_size, sup.optimizer.lr) == (
+      300, 40, 0.05)
+  assert sup.optimizer.schedule.name == "cosine"
+  assert sup.optimizer.schedule.decay_steps == 350 * 4000 // 40
+  assert sup.data.augment.weak.cutout == 16 and sup.data.augment.weak.translate == 4
+  d2 = s["d2"]
+  assert d2.method == "r2d2" and d2.total_epochs == 300
+  assert d2.data.batch_size == 128 and d2.data.batch_size * d2.data.uratio == 384
+  assert d2.optimizer.lr == 0.12 and d2.optimizer.schedule.name == "constant"
+  assert tuple(d2.r2d2.repredict_epochs) == (0.0,)
+  r2 = s["r2"]
+  assert r2.total_epochs == 300
+  assert tuple(r2.r2d2.repredict_epochs) == (0, 75, 150, 225)
+  lrs, lr = [0.12], 0.12
+  for scale in r2.optimizer.schedule.scales:
+    lr *= scale
+    lrs.append(lr)
+  assert [round(x, 6) for x in lrs] == [0.12, 0.08, 0.04, 0.004]
+  ft = s["finetune"]
+  assert ft.method == "r2d2_finetune" and ft.total_epochs == 50
+  assert ft.data.batch_size * ft.data.uratio == 512
+  assert ft.data.unlabeled == "all"
+  assert ft.optimizer.lr == 0.01 and ft.optimizer.schedule.name == "cosine"
+  assert ft.data.augment.weak.cutout == 16
+
+
+def test_r2d2_imagenet_shards_the_table():
+  c = _module("r2d2_imagenet10").get_config()
+  assert c.model.name == "resnet18" and c.data.labeled_fraction == 0.1
+  from r2d2_jax.methods import r2d2
+  assert train.stage_config(c, "d2").method == "r2d2"
+  assert r2d2.METHOD.state_sharding is r2d2.state_sharding
