@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -80,7 +81,7 @@ def main():
       print(f"seed {seed} {stage:10s} test error {err:.2f} %", flush=True)
   minutes = (time.time() - t0) / 60
   lines = [f"## {args.title or name}", "",
-           f"Command: `{' '.join(['python -m benchmarks.results', *sys.argv[1:]])}`",
+           f"Command: `{shlex.join(['python', '-m', 'benchmarks.results', *sys.argv[1:]])}`",
            "", f"Measured: {report.environment()}; {len(args.seeds)} seeds "
            f"({', '.join(map(str, args.seeds))}); {minutes:.0f} minutes "
            "of wall time (runs already finished are read back, not timed).",

@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=64,          # labeled examples per step (global)
       uratio=0,               # unlabeled examples per labeled one (μ)
       eval_batch_size=500,
+      train_limit=0,          # >0: only the first N train examples (quick runs)
+      test_limit=0,           # >0: only the first N test examples
       augment=dict(
           weak=dict(flip=ml_collections.FieldReference(None, field_type=bool),
                     translate=2),

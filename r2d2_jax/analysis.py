@@ -70,7 +70,10 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for event in tf.compat.v1.train.summary_iterator(path):
       for v in event.summary.value:
         if v.HasField("tensor"):
-          value = float(tf.make_ndarray(v.tensor))
+          array = tf.make_ndarray(v.tensor)
+          if array.ndim or not np.issubdtype(array.dtype, np.number):
+            continue  # hparams and text, not scalars
+          value = float(array)
         elif v.HasField("simple_value"):
           value = float(v.simple_value)
         else:

@@ -48,6 +48,13 @@ class InMemoryPipeline:
       arrays = sources.load_in_memory(config.dataset, config.get("data_dir"),
                                       config.get("manual_dir"))
     self.train, self.test = arrays["train"], arrays["test"]
+    # Quick experiments (a notebook's FAST mode) may use the first examples only.
+    if config.get("train_limit"):
+      self.train = sources.ArraySplit(self.train.images[:config.train_limit],
+                                      self.train.labels[:config.train_limit])
+    if config.get("test_limit"):
+      self.test = sources.ArraySplit(self.test.images[:config.test_limit],
+                                     self.test.labels[:config.test_limit])
     split_seed = config.get("split_seed")
     split_seed = seed if split_seed is None else split_seed
     self.split = splits_lib.make_split(
