@@ -56,9 +56,7 @@ def test_cli_mnist_on_mock_data(tmp_path):
      "train-images-idx3-ubyte.gz"),
 ])
 def test_cli_bad_input_is_one_paragraph(tmp_path, override, message):
-  config = ("configs/supervised_mnist.py:runlocal" if "manual_dir" in override
-            else "configs/digits_quickstart.py:runlocal")
-  r = _run(["--config", config, "--workdir", str(tmp_path / "wd"), override])
+  r = _run(["--config", "configs/supervised_mnist.py:runlocal", "--workdir", str(tmp_path / "wd"), override])
   assert r.returncode == 1
   assert message in r.stderr
   assert "Traceback" not in r.stderr
