@@ -65,6 +65,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from r2d2_jax import sharding
+from r2d2_jax.data import pipeline as pipeline_lib
 from r2d2_jax.data import sources
 from r2d2_jax.data import splits as splits_lib
 from r2d2_jax.errors import R2D2Error
@@ -412,13 +413,8 @@ class StreamingPipeline:
           dict(dataset=config.dataset, seed=split_seed, unlabeled=unlabeled,
                **meta))
 
-    self.batch_size = config.batch_size
-    self.unlabeled_batch_size = int(round(config.get("uratio", 0) *
-                                          config.batch_size))
-    sharding.check_batch_size("data.batch_size", self.batch_size, mesh)
-    if self.unlabeled_batch_size:
-      sharding.check_batch_size("data.uratio * data.batch_size",
-                                self.unlabeled_batch_size, mesh)
+    self.batch_size, self.unlabeled_batch_size = pipeline_lib.batch_sizes(
+        config, mesh)
     self._pools = {"labeled": self.split.labeled}
     if self.unlabeled_batch_size:
       self._pools["unlabeled"] = self.split.unlabeled
@@ -526,12 +522,7 @@ class StreamingPipeline:
       process_count: how many processes; its rows per batch are then
         batch_size / process_count.
     """
-    missing = set(streams or ()) - set(self._pools)
-    if missing:
-      raise R2D2Error(
-          f"The method reads the {sorted(missing)} stream but data.uratio="
-          f"{self.config.get('uratio', 0)} gives no unlabeled batch; set "
-          "data.uratio > 0.")
+    pipeline_lib.check_streams(streams, self._pools, self.config)
     p = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     out = {}

@@ -65,13 +65,7 @@ class InMemoryPipeline:
           self.split, os.path.join(workdir, "split.json"),
           dict(dataset=config.dataset, num_labels=config.num_labels,
                seed=split_seed, unlabeled=config.get("unlabeled", "rest")))
-    self.batch_size = config.batch_size
-    self.unlabeled_batch_size = int(round(config.get("uratio", 0) *
-                                          config.batch_size))
-    sharding.check_batch_size("data.batch_size", self.batch_size, mesh)
-    if self.unlabeled_batch_size:
-      sharding.check_batch_size("data.uratio * data.batch_size",
-                                self.unlabeled_batch_size, mesh)
+    self.batch_size, self.unlabeled_batch_size = batch_sizes(config, mesh)
     # Two independent streams; the seeds differ so their orders are unrelated.
     self._samplers = {"labeled": (self.split.labeled, sampler_lib.StepSampler(
         len(self.split.labeled), self.batch_size, seed * 2 + 1))}
@@ -124,12 +118,7 @@ class InMemoryPipeline:
   def iterate(self, start_step: int, streams: tuple[str, ...] | None = None,
               prefetch: int = 2) -> Iterator[Any]:
     """Global batches for start_step, start_step + 1, ..., built ahead in a thread."""
-    missing = set(streams or ()) - set(self._samplers)
-    if missing:
-      raise R2D2Error(
-          f"The method reads the {sorted(missing)} stream but data.uratio="
-          f"{self.config.get('uratio', 0)} gives no unlabeled batch; set "
-          "data.uratio > 0.")
+    check_streams(streams, self._samplers, self.config)
     return _prefetch((self.host_batch(k, streams) for k in _count(start_step)),
                      prefetch, lambda b: sharding.to_global(b, self.mesh))
 
@@ -156,6 +145,28 @@ class InMemoryPipeline:
       yield sharding.to_global(
           {"image": data.images[idx], "label": data.labels[idx],
            "index": idx.astype(np.int32), "mask": mask}, self.mesh)
+
+
+def batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh
+                ) -> tuple[int, int]:
+  """(labeled, unlabeled) global batch sizes, each checked against the mesh."""
+  labeled = config.batch_size
+  unlabeled = int(round(config.get("uratio", 0) * config.batch_size))
+  sharding.check_batch_size("data.batch_size", labeled, mesh)
+  if unlabeled:
+    sharding.check_batch_size("data.uratio * data.batch_size", unlabeled, mesh)
+  return labeled, unlabeled
+
+
+def check_streams(streams: tuple[str, ...] | None, available,
+                  config: ml_collections.ConfigDict) -> None:
+  """Raises a readable error if a method reads a stream the config gives none of."""
+  missing = set(streams or ()) - set(available)
+  if missing:
+    raise R2D2Error(
+        f"The method reads the {sorted(missing)} stream but data.uratio="
+        f"{config.get('uratio', 0)} gives no unlabeled batch; set "
+        "data.uratio > 0.")
 
 
 def _count(start: int) -> Iterator[int]:
