@@ -1,12 +1,12 @@
 """Registry of methods by name (`config.method`)."""
 
 from r2d2_jax.errors import unknown_name
-from r2d2_jax.methods import r2d2, semimeta, supervised
+from r2d2_jax.methods import mpl, r2d2, semimeta, supervised, uda
 from r2d2_jax.methods.base import Context, Method
 
 METHODS: dict[str, Method] = {
     m.name: m for m in (supervised.METHOD, r2d2.METHOD, r2d2.FINETUNE,
-                       semimeta.METHOD)
+                       mpl.METHOD, mpl.FINETUNE, uda.METHOD, semimeta.METHOD)
 }
 
 

@@ -1,0 +1,58 @@
+r"""UDA alone on CIFAR-10 with 4000 labels, WRN-28-2: the MPL teacher's settings.
+
+ALGORITHMS.md §4 ("UDA: the teacher auxiliary loss of section 2, used alone")
+with §2's CIFAR-10 teacher: WRN-28-2 with dense dropout 0.2, 300k steps,
+B = 128, μ = 7, strong view RandAugment(2, 16) + cutout 16, labeled CE with
+label smoothing 0.15, UDA weight 8 ramped over 5000 steps, τ = 0.7,
+threshold 0.6; lr 0.05 (5000 warmup, cosine), Nesterov 0.9, wd 5e-4, EMA 0.995.
+
+  python -m r2d2_jax.main --config configs/uda_cifar10_4k.py \
+      --workdir gs://BUCKET/uda_cifar10_4k
+
+Smoke variant (CIFAR-10 must be available to tfds):
+`--config configs/uda_cifar10_4k.py:runlocal`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.base_config()
+  c.method = "uda"
+  c.model.name = "wrn28_2"
+  c.model.kwargs = ml_collections.ConfigDict(dict(dropout_rate=0.2))
+  c.data.dataset = "cifar10"
+  c.data.num_labels = 4000
+  c.data.batch_size = 128
+  c.data.uratio = 7
+  c.data.eval_batch_size = 1000
+  c.data.augment.weak.translate = 4
+  c.data.augment.weak.flip = True
+  c.data.augment.strong.update(num_ops=2, magnitude=16, cutout=16)
+  c.optimizer.update(name="sgd", lr=0.05, momentum=0.9, nesterov=True,
+                     weight_decay=5e-4, grad_clip_norm=0.0)
+  c.optimizer.schedule.update(name="cosine", wait_steps=0, warmup_steps=5000,
+                              decay_steps=0)
+  c.ema_decay = 0.995
+  c.total_steps = 300_000
+  c.log_every_steps = 200
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 2000
+  c.uda = ml_collections.ConfigDict(dict(
+      weight=8.0, ramp_steps=5000, temperature=0.7, threshold=0.6,
+      label_smoothing=0.15))
+  if arg == "runlocal":
+    c.model.name = "cnn_small"
+    c.model.kwargs = ml_collections.ConfigDict()
+    c.data.batch_size = 8
+    c.total_steps = 4
+    c.optimizer.schedule.warmup_steps = 1
+    c.uda.ramp_steps = 2
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.eval_every_steps = 0
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r}; use 'runlocal' or nothing.")
+  return c
