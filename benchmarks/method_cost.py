@@ -3,9 +3,11 @@ r"""Step time of each method against the supervised step on the same model and b
   python -m benchmarks.method_cost --write
   python -m benchmarks.method_cost --model cnn_small --dataset mnist --batch 64
 
-The batch is the same number of images for every method (R2-D2: a quarter
-labeled, three quarters unlabeled); the ratio to the supervised step is the cost
-of the method's extra work (R2-D2: gathering and scattering its table rows).
+The batch is the same number of images for every method (the semi-supervised
+ones: a quarter labeled, three quarters unlabeled); the ratio to the supervised
+step is the cost of the method's extra work (R2-D2: gathering and scattering
+its table rows; UDA and MPL: a second, strong view of the unlabeled images and,
+for MPL, a teacher; SemiMeta: the meta-gradient of its pseudo-labels).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sys
 from benchmarks import report
 from benchmarks import step_time
 
-METHODS = ("supervised", "r2d2")
+METHODS = ("supervised", "r2d2", "uda", "mpl:first_order", "mpl:exact",
+           "semimeta:first_order", "semimeta:exact")
 
 
 def main():
@@ -32,8 +35,9 @@ def main():
   for method in args.methods:
     r = step_time.measure(args.model, args.batch, args.steps, method=method,
                           dataset=args.dataset)
+    r["method"] = method
     rows.append(r)
-    print(f"{method:14s} step {r['step_ms']:8.2f} ms  compile "
+    print(f"{method:22s} step {r['step_ms']:8.2f} ms  compile "
           f"{r['compile_s']:.1f}s", flush=True)
   base = next(r for r in rows if r["method"] == "supervised")["step_ms"]
   if args.write:

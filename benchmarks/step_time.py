@@ -32,6 +32,7 @@ from r2d2_jax.data import sources
 PAPER = {
     "cnn_small": ("digits", 32, "quick start"),
     "lenet_2d": ("mnist", 100, "R2-D2 MNIST illustration"),
+    "mlp_mnist": ("mnist", 128, "our MNIST-100 runs: 32 + 96"),
     "cnn13": ("cifar10", 256, "SemiMeta: 128 labeled + 128 unlabeled"),
     "wrn28_2": ("cifar10", 512, "FixMatch/MPL: 64 + 7x64"),
     "shake_shake26_2x96d": ("cifar10", 512, "R2-D2 D2: 128 + 384"),
@@ -49,6 +50,24 @@ def fake_arrays(dataset: str, n: int) -> dict[str, sources.ArraySplit]:
   return {"train": mk(n), "test": mk(8)}
 
 
+def add_method_blocks(c, method: str, mode: str = "") -> None:
+  """The method's own config block, from the configs that use it."""
+  if method == "r2d2":
+    common.r2d2_block(c)
+  elif method in ("mpl", "uda"):
+    from configs import mpl_digits  # pylint: disable=g-import-not-at-top
+    src = mpl_digits.get_config()
+    c.mpl, c.uda = src.mpl, src.uda
+    c.optimizer.schedule.wait_steps = 0  # time the student's real step
+    if mode:
+      c.mpl.mode = mode
+  elif method == "semimeta":
+    from r2d2_jax.methods import semimeta  # pylint: disable=g-import-not-at-top
+    c.semimeta = semimeta.default_block()
+    if mode:
+      c.semimeta.mode = mode
+
+
 def measure(model: str, batch: int, steps: int, dtype: str = "",
             method: str = "supervised", dataset: str | None = None) -> dict:
   """Compile time and median step time of one method's train step.
@@ -59,23 +78,24 @@ def measure(model: str, batch: int, steps: int, dtype: str = "",
       labeled and three quarters unlabeled (R2-D2's mixed batch).
     steps: timed steps.
     dtype: compute dtype ('' for float32).
-    method: registry name of the method.
+    method: registry name of the method, optionally ':mode' (e.g. 'mpl:exact').
     dataset: whose image shape to use (default: the model's paper dataset).
   """
   dataset = dataset or PAPER[model][0]
   c = common.base_config()
-  c.method = method
   c.model.name = model
   c.model.dtype = dtype
   c.data.dataset = dataset
   c.data.eval_batch_size = 8
   c.total_steps = steps + 1
   n_train = max(2 * batch, 64)
+  method, _, mode = method.partition(":")
+  c.method = method
   if method == "supervised":
     c.data.num_labels = -1
     c.data.batch_size = batch
   else:
-    common.r2d2_block(c)
+    add_method_blocks(c, method, mode)
     c.data.batch_size = batch // 4
     c.data.uratio = 3
     c.data.unlabeled = "all"
@@ -126,7 +146,9 @@ def main():
   if args.write:
     cmd = " ".join(["python -m benchmarks.step_time", *sys.argv[1:]])
     lines = [
-        "## Supervised train step per model", "",
+        "## Supervised train step per model" + (
+            f" (batches x{args.batch_scale:g} of the paper's)"
+            if args.batch_scale != 1 else ""), "",
         f"Command: `{' '.join(cmd.split())}`", "",
         f"Measured: {report.environment()}.", "",
         "| model | batch | paper batch (source) | compile s | step ms | images/s |",
@@ -136,8 +158,10 @@ def main():
           f"| {r['model']} | {r['batch']} | {PAPER[r['model']][1]} "
           f"({r['source']}) | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
           f"{r['images_per_s']:.0f} |")
-    report.write_section("step_time" + (f"_{args.dtype}" if args.dtype else ""),
-                         "\n".join(lines))
+    report.write_section(
+        "step_time" + (f"_{args.dtype}" if args.dtype else "") +
+        (f"_scale{args.batch_scale:g}" if args.batch_scale != 1 else ""),
+        "\n".join(lines))
 
 
 if __name__ == "__main__":
