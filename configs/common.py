@@ -116,3 +116,44 @@ def runlocal_stages(c: ml_collections.ConfigDict, model: str = "cnn_small"
   c.log_every_steps = 2
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 2
+
+
+def uda_block(weight: float, ramp_steps: int, temperature: float,
+              threshold: float, label_smoothing: float
+              ) -> ml_collections.ConfigDict:
+  """UDA's loss settings (ALGORITHMS.md §2 and §4), read by 'uda' and MPL's teacher."""
+  return ml_collections.ConfigDict(dict(
+      weight=weight, ramp_steps=ramp_steps, temperature=temperature,
+      threshold=threshold, label_smoothing=label_smoothing))
+
+
+def mpl_stages(c: ml_collections.ConfigDict, *, teacher_lr: float,
+               teacher_warmup_steps: int, uda: ml_collections.ConfigDict,
+               finetune_steps: int, finetune_batch: int,
+               finetune_lr: float) -> None:
+  """Meta Pseudo Labels then student finetuning on the labels, as two stages.
+
+  The teacher's optimizer copies the student's (`c.optimizer`: momentum,
+  Nesterov, weight decay, clipping) with its own lr and warmup, and no wait;
+  the finetune stage uses the labeled data only, with weight decay 0 and a
+  constant lr.
+  """
+  teacher = c.optimizer.to_dict()
+  teacher.update(lr=teacher_lr)
+  teacher["schedule"] = dict(teacher["schedule"], wait_steps=0,
+                             warmup_steps=teacher_warmup_steps)
+  c.mpl = ml_collections.ConfigDict(dict(
+      mode="first_order", h="difference", sample_labels=False,
+      temperature=1.0, baseline_decay=0.01, teacher_optimizer=teacher))
+  c.uda = uda
+  c.stage_order = ("mpl", "finetune")
+  c.run_stages = ""
+  c.stages = ml_collections.ConfigDict({
+      "mpl": dict(method="mpl"),
+      "finetune": dict(
+          method="mpl_finetune", total_steps=finetune_steps,
+          data=dict(batch_size=finetune_batch, uratio=0),
+          optimizer=dict(lr=finetune_lr, weight_decay=0.0,
+                         schedule=dict(name="constant", wait_steps=0,
+                                       warmup_steps=0))),
+  })

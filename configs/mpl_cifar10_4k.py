@@ -53,29 +53,15 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 200
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
-  c.mpl = ml_collections.ConfigDict(dict(
-      mode="first_order", h="difference", sample_labels=False,
-      temperature=1.0, baseline_decay=0.01,
-      teacher_optimizer=dict(
-          name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-          grad_clip_norm=0.0,
-          schedule=dict(name="cosine", warmup_steps=5000, wait_steps=0,
-                        decay_steps=0))))
-  c.uda = ml_collections.ConfigDict(dict(
-      weight=8.0, ramp_steps=5000, temperature=0.7, threshold=0.6,
-      label_smoothing=0.15))
-  c.stage_order = ("mpl", "finetune")
-  c.run_stages = ""
-  c.stages = ml_collections.ConfigDict({
-      "mpl": dict(method="mpl"),
-      "finetune": dict(
-          method="mpl_finetune", total_steps=5000,
-          data=dict(batch_size=512, uratio=0),
-          optimizer=dict(lr=3e-5, momentum=0.9, nesterov=True,
-                         weight_decay=0.0,
-                         schedule=dict(name="constant", wait_steps=0,
-                                       warmup_steps=0))),
-  })
+  common.mpl_stages(
+      c, teacher_lr=0.05, teacher_warmup_steps=5000,
+      uda=common.uda_block(weight=8.0, ramp_steps=5000,
+                           temperature=0.7, threshold=0.6,
+                           label_smoothing=0.15),
+      finetune_steps=5000, finetune_batch=512,
+      finetune_lr=3e-05)
+  c.stages.finetune.optimizer.momentum = 0.9
+  c.stages.finetune.optimizer.nesterov = True
   if arg == "runlocal":
     common.runlocal_stages(c)
     c.model.kwargs = ml_collections.ConfigDict()

@@ -15,7 +15,6 @@ Teacher gradient: `--config.mpl.mode=first_order` (default; the paper's),
 `--config configs/mpl_digits.py:runlocal`.
 """
 
-import ml_collections
 
 from configs import common
 
@@ -41,28 +40,14 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 100
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
-  c.mpl = ml_collections.ConfigDict(dict(
-      mode="first_order", h="difference", sample_labels=False,
-      temperature=1.0, baseline_decay=0.01,
-      teacher_optimizer=dict(
-          name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-          grad_clip_norm=0.0,
-          schedule=dict(name="cosine", warmup_steps=100, wait_steps=0,
-                        decay_steps=0))))
-  c.uda = ml_collections.ConfigDict(dict(
-      weight=2.0, ramp_steps=300, temperature=0.7, threshold=0.6,
-      label_smoothing=0.1))
-  c.stage_order = ("mpl", "finetune")
-  c.run_stages = ""
-  c.stages = ml_collections.ConfigDict({
-      "mpl": dict(method="mpl"),
-      "finetune": dict(
-          method="mpl_finetune", total_steps=200, eval_every_steps=0,
-          data=dict(batch_size=50, uratio=0),
-          optimizer=dict(lr=1e-3, weight_decay=0.0,
-                         schedule=dict(name="constant", wait_steps=0,
-                                       warmup_steps=0))),
-  })
+  common.mpl_stages(
+      c, teacher_lr=0.05, teacher_warmup_steps=100,
+      uda=common.uda_block(weight=2.0, ramp_steps=300,
+                           temperature=0.7, threshold=0.6,
+                           label_smoothing=0.1),
+      finetune_steps=200, finetune_batch=50,
+      finetune_lr=0.001)
+  c.stages.finetune.eval_every_steps = 0
   if arg == "runlocal":
     c.stages.mpl.total_steps = 6
     c.stages.finetune.total_steps = 4

@@ -20,7 +20,6 @@ Smoke variant (tiny model, a few steps; ImageNet must be prepared):
 `--config configs/mpl_imagenet10.py:runlocal`.
 """
 
-import ml_collections
 
 from configs import common
 
@@ -48,28 +47,13 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 500
   c.eval_every_steps = 10_000
   c.checkpoint_every_steps = 2000
-  c.mpl = ml_collections.ConfigDict(dict(
-      mode="first_order", h="difference", sample_labels=False,
-      temperature=1.0, baseline_decay=0.01,
-      teacher_optimizer=dict(
-          name="sgd", lr=0.6, momentum=0.9, nesterov=True, weight_decay=1e-4,
-          grad_clip_norm=5.0,
-          schedule=dict(name="cosine", warmup_steps=5000, wait_steps=0,
-                        decay_steps=0))))
-  c.uda = ml_collections.ConfigDict(dict(
-      weight=20.0, ramp_steps=50_000, temperature=0.5, threshold=0.6,
-      label_smoothing=0.1))
-  c.stage_order = ("mpl", "finetune")
-  c.run_stages = ""
-  c.stages = ml_collections.ConfigDict({
-      "mpl": dict(method="mpl"),
-      "finetune": dict(
-          method="mpl_finetune", total_steps=10_000,
-          data=dict(batch_size=1024, uratio=0),
-          optimizer=dict(lr=3e-5, weight_decay=0.0,
-                         schedule=dict(name="constant", wait_steps=0,
-                                       warmup_steps=0))),
-  })
+  common.mpl_stages(
+      c, teacher_lr=0.6, teacher_warmup_steps=5000,
+      uda=common.uda_block(weight=20.0, ramp_steps=50000,
+                           temperature=0.5, threshold=0.6,
+                           label_smoothing=0.1),
+      finetune_steps=10000, finetune_batch=1024,
+      finetune_lr=3e-05)
   if arg == "runlocal":
     common.runlocal_stages(c)
     c.data.image_size = 64

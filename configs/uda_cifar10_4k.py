@@ -40,9 +40,8 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 200
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
-  c.uda = ml_collections.ConfigDict(dict(
-      weight=8.0, ramp_steps=5000, temperature=0.7, threshold=0.6,
-      label_smoothing=0.15))
+  c.uda = common.uda_block(weight=8.0, ramp_steps=5000, temperature=0.7,
+                           threshold=0.6, label_smoothing=0.15)
   if arg == "runlocal":
     c.model.name = "cnn_small"
     c.model.kwargs = ml_collections.ConfigDict()
