@@ -23,8 +23,20 @@ import numpy as np
 from benchmarks import report
 from r2d2_jax import train
 
-STAGE_NAMES = {"supervised": "supervised-only", "d2": "D2 (stage 2 only)",
-               "r2": "D2 + R2 (before finetune)", "finetune": "R2-D2 (all stages)"}
+# (stage, method) -> row label; R2-D2's stages name its ablation rows.
+LABELS = {("supervised", "supervised"): "supervised-only",
+          ("d2", "r2d2"): "D2 (stage 2 only)",
+          ("r2", "r2d2"): "D2 + R2 (before finetune)",
+          ("finetune", "r2d2_finetune"): "R2-D2 (all stages)",
+          ("mpl", "mpl"): "MPL student (before finetune)",
+          ("finetune", "mpl_finetune"): "MPL (student finetuned)"}
+
+
+def row_label(config, stage: str) -> str:
+  method = (train.stage_config(config, stage).method if stage != "run"
+            else config.method)
+  return LABELS.get((stage, method), f"{method} ({stage})" if stage != "run"
+                    else method)
 
 
 def load_config(path: str):
@@ -66,6 +78,7 @@ def main():
   name = os.path.basename(args.config).replace(".py", "").replace(":", "_")
   root = args.root or os.path.join("/tmp/r2d2_jax/results", name)
   per_stage: dict[str, list[float]] = {}
+  labels: dict[str, str] = {}
   t0 = time.time()
   for seed in args.seeds:
     config = load_config(args.config)
@@ -76,6 +89,7 @@ def main():
     if not all(isinstance(v, dict) for v in results.values()):
       results = {"run": results}
     for stage, r in results.items():
+      labels[stage] = row_label(config, stage)
       err = 100.0 * (1.0 - r["accuracy/raw"])
       per_stage.setdefault(stage, []).append(err)
       print(f"seed {seed} {stage:10s} test error {err:.2f} %", flush=True)
@@ -89,7 +103,7 @@ def main():
            "| --- | ---: | --- |"]
   for stage, errs in per_stage.items():
     e = np.asarray(errs)
-    lines.append(f"| {STAGE_NAMES.get(stage, stage)} | {e.mean():.2f} ± "
+    lines.append(f"| {labels[stage]} | {e.mean():.2f} ± "
                  f"{e.std(ddof=1) if len(e) > 1 else 0.0:.2f} | "
                  f"{', '.join(f'{x:.2f}' for x in e)} |")
   if args.notes:
