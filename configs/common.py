@@ -157,3 +157,21 @@ def mpl_stages(c: ml_collections.ConfigDict, *, teacher_lr: float,
                          schedule=dict(name="constant", wait_steps=0,
                                        warmup_steps=0))),
   })
+
+
+def cifar10_4k_mpl_setup(c: ml_collections.ConfigDict) -> None:
+  """MPL's CIFAR-10-4000 model and data (ALGORITHMS.md §2), shared with UDA.
+
+  WRN-28-2 with dense dropout 0.2; B = 128 labeled, μ = 7; weak view translate 4
+  + flip; strong view RandAugment(2 ops, magnitude 16) + cutout 16.
+  """
+  c.model.name = "wrn28_2"
+  c.model.kwargs = ml_collections.ConfigDict(dict(dropout_rate=0.2))
+  c.data.dataset = "cifar10"
+  c.data.num_labels = 4000
+  c.data.batch_size = 128
+  c.data.uratio = 7
+  c.data.eval_batch_size = 1000
+  c.data.augment.weak.translate = 4
+  c.data.augment.weak.flip = True
+  c.data.augment.strong.update(num_ops=2, magnitude=16, cutout=16)

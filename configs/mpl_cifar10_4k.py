@@ -32,16 +32,7 @@ from configs import common
 def get_config(arg: str | None = None):
   c = common.base_config()
   c.method = "mpl"
-  c.model.name = "wrn28_2"
-  c.model.kwargs = ml_collections.ConfigDict(dict(dropout_rate=0.2))
-  c.data.dataset = "cifar10"
-  c.data.num_labels = 4000
-  c.data.batch_size = 128
-  c.data.uratio = 7
-  c.data.eval_batch_size = 1000
-  c.data.augment.weak.translate = 4
-  c.data.augment.weak.flip = True
-  c.data.augment.strong.update(num_ops=2, magnitude=16, cutout=16)
+  common.cifar10_4k_mpl_setup(c)
   c.label_smoothing = 0.15
   # The student's optimizer.
   c.optimizer.update(name="sgd", lr=0.05, momentum=0.9, nesterov=True,
