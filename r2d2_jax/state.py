@@ -73,7 +73,3 @@ class TrainState(struct.PyTreeNode):
         opt_state=opt_state,
         ema_params=jax.tree.map(ema, self.ema_params, params),
         ema_model_state=jax.tree.map(ema, self.ema_model_state, model_state))
-
-
-def global_norm(tree: PyTree) -> jax.Array:
-  return optax.tree.norm(tree)

@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from r2d2_jax import losses
 from r2d2_jax import table as table_lib
 from r2d2_jax.errors import R2D2Error
+from r2d2_jax.methods import supervised
 from r2d2_jax.methods.base import (Context, Method, copy_network,
                                    replicate_all, step_metrics)
 from r2d2_jax.state import TrainState
@@ -287,23 +288,12 @@ def finetune_views(config) -> dict[str, tuple[str, ...]]:
 def finetune_step(state: R2D2State, batch, rng: jax.Array, ctx: Context):
   """CE on every training image with label argmax Y[i] (Y frozen)."""
   b = batch["unlabeled"]
-  x = b["weak"]
   target = jnp.argmax(table_lib.gather_rows(state.table, b["index"], ctx.mesh),
                       -1)
-
-  def loss_fn(params):
-    logits, model_state = ctx.apply_train(
-        {"params": params, **state.model_state}, x, rng)
-    return losses.cross_entropy(logits, target), (logits, model_state)
-
-  (loss, (logits, model_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  metrics = step_metrics(state, grads, ctx)
-  state = state.apply_gradients(grads, ctx.tx, model_state, ctx.ema_decay)
-  metrics.update({"losses/xe": loss, "losses/total": loss,
-                  "accuracy/train": losses.accuracy(logits, target),
-                  "pseudo_labels/batch_accuracy": jnp.mean(
-                      (target == b["label"]).astype(jnp.float32))})
+  state, metrics = supervised.cross_entropy_step(state, b["weak"], target, rng,
+                                                 ctx)
+  metrics["pseudo_labels/batch_accuracy"] = jnp.mean(
+      (target == b["label"]).astype(jnp.float32))
   return state, metrics
 
 

@@ -22,15 +22,21 @@ def init_state(rng: jax.Array, ctx: Context) -> TrainState:
   return ctx.init_train_state(rng)
 
 
-def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
-  """One SGD step on CE(labels, f(weak(x_l)))."""
-  x, y = batch["labeled"]["weak"], batch["labeled"]["label"]
-  smoothing = ctx.config.get("label_smoothing", 0.0)
+def cross_entropy_step(state: TrainState, x: jax.Array, labels: jax.Array,
+                       rng: jax.Array, ctx: Context,
+                       label_smoothing: float = 0.0):
+  """One optimizer step on CE(labels, f(x)); shared by every CE-only stage.
+
+  Returns:
+    (new state, metrics with losses/xe, losses/total, accuracy/train, lr,
+    l2_grads, l2_params).
+  """
 
   def loss_fn(params):
     logits, model_state = ctx.apply_train(
         {"params": params, **state.model_state}, x, rng)
-    loss = losses.cross_entropy(logits, y, label_smoothing=smoothing)
+    loss = losses.cross_entropy(logits, labels,
+                                label_smoothing=label_smoothing)
     return loss, (logits, model_state)
 
   (loss, (logits, model_state)), grads = jax.value_and_grad(
@@ -38,8 +44,15 @@ def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
   metrics = step_metrics(state, grads, ctx)
   state = state.apply_gradients(grads, ctx.tx, model_state, ctx.ema_decay)
   metrics.update({"losses/xe": loss, "losses/total": loss,
-                  "accuracy/train": losses.accuracy(logits, y)})
+                  "accuracy/train": losses.accuracy(logits, labels)})
   return state, metrics
+
+
+def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
+  """One SGD step on CE(labels, f(weak(x_l)))."""
+  return cross_entropy_step(state, batch["labeled"]["weak"],
+                            batch["labeled"]["label"], rng, ctx,
+                            ctx.config.get("label_smoothing", 0.0))
 
 
 METHOD = Method(name="supervised", views=views, init_state=init_state,
