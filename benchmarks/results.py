@@ -29,7 +29,10 @@ LABELS = {("supervised", "supervised"): "supervised-only",
           ("r2", "r2d2"): "D2 + R2 (before finetune)",
           ("finetune", "r2d2_finetune"): "R2-D2 (all stages)",
           ("mpl", "mpl"): "MPL student (before finetune)",
-          ("finetune", "mpl_finetune"): "MPL (student finetuned)"}
+          ("finetune", "mpl_finetune"): "MPL (student finetuned)",
+          ("mpl_finetune", "mpl_finetune"): "MPL (student finetuned)",
+          ("semimeta", "semimeta"): "SemiMeta",
+          ("run", "semimeta"): "SemiMeta"}
 
 
 def row_label(config, stage: str) -> str:

@@ -17,7 +17,7 @@ constant lr) and its label smoothing (the MPL stage's 0.15, kept); weak view =
 translate 4 + flip.
 
   python -m r2d2_jax.main --config configs/mpl_cifar10_4k.py \
-      --workdir gs://BUCKET/mpl_cifar10_4k
+      --workdir /mnt/shared/r2d2/mpl_cifar10_4k
 
 Other teacher gradients: `--config.mpl.mode=exact` or `=official_compat`
 (the released code's behaviour, comparison only). Smoke variant (CIFAR-10 must

@@ -14,7 +14,7 @@ batch 1024, lr 3e-5 constant, wd 0, 10k steps).
 Cloud TPU pod (every worker runs the same command; see launch/):
   python -m r2d2_jax.main --config configs/mpl_imagenet10.py \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets \
-      --workdir gs://BUCKET/mpl_imagenet10
+      --workdir /mnt/shared/r2d2/mpl_imagenet10
 
 Smoke variant (tiny model, a few steps; ImageNet must be prepared):
 `--config configs/mpl_imagenet10.py:runlocal`.

@@ -7,7 +7,7 @@ Batch 40 over 10000 labels is 250 steps per epoch, so the supervised cosine
 horizon is 350 × 250 steps.
 
   python -m r2d2_jax.main --config configs/r2d2_cifar100_10k.py \
-      --workdir gs://BUCKET/r2d2_cifar100_10k
+      --workdir /mnt/shared/r2d2/r2d2_cifar100_10k
 
 Smoke variant: `--config configs/r2d2_cifar100_10k.py:runlocal`.
 """

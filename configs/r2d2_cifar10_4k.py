@@ -15,7 +15,7 @@ ALGORITHMS.md §1, all four stages in one command:
 Reported: 5.72 ± 0.06 % error.
 
   python -m r2d2_jax.main --config configs/r2d2_cifar10_4k.py \
-      --workdir gs://BUCKET/r2d2_cifar10_4k
+      --workdir /mnt/shared/r2d2/r2d2_cifar10_4k
 
 Smoke variant (CIFAR-10 must be available to tfds):
 `--config configs/r2d2_cifar10_4k.py:runlocal`.

@@ -12,7 +12,7 @@ choices, not the paper's; expect to tune them.
 Cloud TPU pod (every worker runs the same command; see launch/):
   python -m r2d2_jax.main --config configs/r2d2_imagenet10.py \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets \
-      --workdir gs://BUCKET/r2d2_imagenet10
+      --workdir /mnt/shared/r2d2/r2d2_imagenet10
 
 Smoke variant (tiny model, a few steps; ImageNet must be prepared):
 `--config configs/r2d2_imagenet10.py:runlocal`.

@@ -6,7 +6,7 @@ CIFAR-10; this config keeps it (configs/r2d2_cifar10_4k.py) with SVHN's
 steps per epoch, so the supervised cosine horizon is 350 × 25 steps.
 
   python -m r2d2_jax.main --config configs/r2d2_svhn_1k.py \
-      --workdir gs://BUCKET/r2d2_svhn_1k
+      --workdir /mnt/shared/r2d2/r2d2_svhn_1k
 
 Smoke variant: `--config configs/r2d2_svhn_1k.py:runlocal`.
 """

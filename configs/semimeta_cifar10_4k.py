@@ -10,12 +10,12 @@ max(λ, 1 − λ)). The label step is the reference's: inner lr = the current lr
 
 Our choices, not stated in ALGORITHMS.md: standard augmentation = random
 translation by up to 2 pixels + horizontal flip; the label gradient by the
-first-order jvp (the reference's finite difference without its ε error); the
-meta forwards in BatchNorm train mode (the reference uses eval mode:
-`--config.semimeta.meta_bn=eval`).
+first-order jvp (the reference's finite difference without its ε error). The
+meta forwards use BatchNorm in eval mode, as the reference code does
+(`semimeta.meta_bn = 'eval'`, the default).
 
   python -m r2d2_jax.main --config configs/semimeta_cifar10_4k.py \
-      --workdir gs://BUCKET/semimeta_cifar10_4k
+      --workdir /mnt/shared/r2d2/semimeta_cifar10_4k
 
 Smoke variant (CIFAR-10 must be available to tfds):
 `--config configs/semimeta_cifar10_4k.py:runlocal`.

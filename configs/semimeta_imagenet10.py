@@ -12,7 +12,7 @@ steps: budget for it, or shorten `total_epochs` (our suggestion, untested).
 Cloud TPU pod (every worker runs the same command; see launch/):
   python -m r2d2_jax.main --config configs/semimeta_imagenet10.py \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets \
-      --workdir gs://BUCKET/semimeta_imagenet10
+      --workdir /mnt/shared/r2d2/semimeta_imagenet10
 
 Smoke variant (tiny model, a few steps; ImageNet must be prepared):
 `--config configs/semimeta_imagenet10.py:runlocal`.

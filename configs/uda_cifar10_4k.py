@@ -7,7 +7,7 @@ label smoothing 0.15, UDA weight 8 ramped over 5000 steps, τ = 0.7,
 threshold 0.6; lr 0.05 (5000 warmup, cosine), Nesterov 0.9, wd 5e-4, EMA 0.995.
 
   python -m r2d2_jax.main --config configs/uda_cifar10_4k.py \
-      --workdir gs://BUCKET/uda_cifar10_4k
+      --workdir /mnt/shared/r2d2/uda_cifar10_4k
 
 Smoke variant (CIFAR-10 must be available to tfds):
 `--config configs/uda_cifar10_4k.py:runlocal`.

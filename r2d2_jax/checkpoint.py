@@ -2,8 +2,11 @@
 
 Each save holds the whole train state pytree ('state') and a JSON record ('meta':
 step, total_steps, stage, config). Saves are atomic (orbax writes a temporary
-folder and renames it), so a run killed while saving resumes from the previous
-checkpoint.
+folder, `STEP.orbax-checkpoint-tmp`, and renames it to `STEP` when complete), so
+a run killed while saving resumes from the previous checkpoint: orbax never
+lists a temporary folder as a step, and the next save of that step replaces
+it. `latest_step` also skips a step folder that lacks one of its items (what an
+interrupted deletion or a non-atomic filesystem could leave).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from r2d2_jax.errors import R2D2Error
 
@@ -38,7 +43,8 @@ class Checkpointer:
         self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The step of the newest complete checkpoint, or None if there is none."""
+    return _latest_complete_step(self._manager, self.directory)
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
     """Saves `state` at `step` (a no-op if that step is already saved)."""
@@ -82,6 +88,19 @@ class Checkpointer:
     self._manager.close()
 
 
+def _latest_complete_step(manager: ocp.CheckpointManager,
+                          directory: str) -> int | None:
+  """The newest step whose folder holds both items, each finalised."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    folder = epath.Path(directory) / str(step)
+    # A name format other than plain STEP: trust orbax.
+    if not folder.exists() or all((folder / item).is_dir()
+                                  for item in ("state", "meta")):
+      return step
+    logging.warning("Skipping the incomplete checkpoint folder %s.", folder)
+  return None
+
+
 def restore_raw(directory: str) -> tuple[PyTree, dict[str, Any]]:
   """Restores the latest checkpoint of another run as host arrays (for init_from).
 
@@ -95,10 +114,15 @@ def restore_raw(directory: str) -> tuple[PyTree, dict[str, Any]]:
     directory = os.path.join(directory, "checkpoints")
   if not os.path.isdir(directory):
     raise R2D2Error(f"init_from={directory!r}: no such checkpoint folder.")
+  # With the handlers named, `item_metadata` knows the arrays' shapes; without,
+  # it is None and the restore below falls back to the saved shardings, which
+  # on several processes span devices this process cannot read.
   manager = ocp.CheckpointManager(
       os.path.abspath(directory), item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
+      options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  step = _latest_complete_step(manager, os.path.abspath(directory))
   if step is None:
     raise R2D2Error(f"init_from={directory!r} holds no checkpoint.")
   meta = manager.restore(step, args=ocp.args.Composite(

@@ -2,6 +2,12 @@
 
 Any config field can be overridden, e.g. `--config.optimizer.lr=0.1`. This is
 the only module that defines flags; the work is `train.train_and_evaluate`.
+
+Multi-host: every process runs the same command. On a Cloud TPU pod, under
+SLURM's `srun` or Open MPI's `mpirun` the processes find each other by
+themselves; elsewhere pass `--coordinator_address`, `--num_processes` and
+`--process_id` (see `r2d2_jax.distributed`). Only process 0 logs at INFO and
+prints results.
 """
 
 import json
@@ -16,6 +22,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and summaries go; rerun to resume.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-host runs started by hand: HOST:PORT of process 0 (with "
+    "--num_processes and --process_id). Not needed on TPU pods, SLURM or "
+    "Open MPI, where it is detected.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-host runs started by hand: how many "
+    "processes (with --coordinator_address and --process_id).", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-host runs started by hand: this process's "
+    "index, 0..num_processes-1.", lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,14 +49,32 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so `--help` is fast and flags parse before jax starts.
-  import jax  # pylint: disable=g-import-not-at-top
-  from r2d2_jax import train  # pylint: disable=g-import-not-at-top
+  from r2d2_jax import distributed  # pylint: disable=g-import-not-at-top
   from r2d2_jax.errors import R2D2Error  # pylint: disable=g-import-not-at-top
+
+  try:
+    # Before anything else touches jax: joining a multi-host run must come
+    # before the backend starts.
+    distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+  except R2D2Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # process 0 speaks for the run
+  from r2d2_jax import train  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX %s, %d processes, %d devices (%s).", jax.__version__,
                jax.process_count(), jax.device_count(), jax.default_backend())
+  from r2d2_jax.errors import Preempted  # pylint: disable=g-import-not-at-top
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except Preempted as e:
+    # SIGTERM: a checkpoint was saved at e.step; the same command resumes.
+    if jax.process_index() == 0:
+      print(str(e), file=sys.stderr)
+    sys.exit(143)
   except R2D2Error as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -1,7 +1,8 @@
 """Metric writing (clu), progress reporting and the non-finite check.
 
-Only process 0 writes summaries (TensorBoard event files in the workdir and the
-console); other processes only log. Train metrics are fetched to the host one
+Only process 0 writes summaries (TensorBoard event files in the workdir) and
+progress (bar and console lines); other processes only log, and `main.py` sets
+their verbosity to WARNING. Train metrics are fetched to the host one
 step late, so the device queue never drains, and averaged over each log interval.
 """
 
@@ -58,6 +59,8 @@ class Averager:
 class Progress:
   """Steps/s and ETA to the writer, and a progress bar on an interactive terminal.
 
+  The bar and the console lines come from process 0 only.
+
   Args:
     total_steps: last step of the run.
     start_step: step the run starts (or resumes) at.
@@ -70,7 +73,8 @@ class Progress:
     self._report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_secs=60)
     self._bar = None
-    if jax.process_index() == 0 and sys.stderr.isatty():
+    self._chief = jax.process_index() == 0
+    if self._chief and sys.stderr.isatty():
       from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
                             desc=description, dynamic_ncols=True)
@@ -86,6 +90,8 @@ class Progress:
 
   def log_line(self, step: int, scalars: Mapping[str, float]) -> None:
     """A one-line summary with rate and ETA, for non-interactive logs."""
+    if not self._chief:
+      return
     done = step - self._start
     rate = done / max(time.time() - self._t0, 1e-9)
     eta = (self._total - step) / rate if rate > 0 else math.inf

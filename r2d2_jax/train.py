@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -33,7 +35,7 @@ from r2d2_jax import sharding
 from r2d2_jax.data import augment
 from r2d2_jax.data import pipeline as pipeline_lib
 from r2d2_jax.data import sources
-from r2d2_jax.errors import R2D2Error
+from r2d2_jax.errors import Preempted, R2D2Error
 from r2d2_jax.methods import Context, get_method
 
 PyTree = Any
@@ -113,6 +115,82 @@ def _every(config: ml_collections.ConfigDict, name: str, total: int) -> int:
   return v if v > 0 else total
 
 
+def _preemption_sync_available() -> bool:
+  """Whether jax's preemption sync manager can tell every process the same step.
+
+  It exists (`multihost_utils.reached_preemption_sync_point`) when
+  `jax.distributed` is initialised with `jax_enable_preemption_service` (the
+  default); it then catches SIGTERM itself, in C++.
+  """
+  if jax.process_count() <= 1:
+    return False
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  state = distributed.global_state
+  return (hasattr(multihost_utils, "reached_preemption_sync_point") and
+          getattr(state, "client", None) is not None and
+          getattr(state, "preemption_sync_manager", None) is not None)
+
+
+class PreemptionWatch:
+  """Turns SIGTERM (a preemption notice) into a stop at a step boundary.
+
+  Single process (or several without jax's preemption service): a SIGTERM
+  handler that only sets `requested`; the previous handler is put back by
+  `restore()`. Several processes with the preemption service: jax's own handler
+  stays, and `reached(step)` is `reached_preemption_sync_point(step)`, True on
+  every process at the same step. It must then be called at every step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.sync = _preemption_sync_available()
+    self._previous = None
+    self._installed = False
+
+  def install(self) -> "PreemptionWatch":
+    if self.sync:
+      logging.info("Preemption: jax's preemption sync point decides the step.")
+    elif threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+      if jax.process_count() > 1:
+        logging.warning(
+            "Preemption: %d processes but no jax preemption service; each "
+            "process stops at the step at which it sees SIGTERM.",
+            jax.process_count())
+    return self
+
+  def restore(self) -> None:
+    if self._installed:
+      previous = self._previous
+      # None: the previous handler was not set from Python; use the default.
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if previous is None else previous)
+      self._installed = False
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call once per step)."""
+    if self.sync:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.requested
+
+
+def _preempted(step: int, stage_name: str) -> Preempted:
+  message = (f"Preempted at step {step} of {stage_name or 'the run'}; saved; "
+             "rerun the same command to resume.")
+  logging.warning(message)
+  return Preempted(message, step, stage_name)
+
+
 class Stage:
   """Everything built for one stage: mesh, data, model, compiled functions.
 
@@ -138,7 +216,7 @@ class Stage:
     self.info = self.pipeline.info
     model_kwargs = dict(config.model.get("kwargs", {}))
     if config.model.get("dtype"):
-      model_kwargs["dtype"] = jnp.dtype(config.model.dtype)
+      model_kwargs["dtype"] = models.compute_dtype(config.model.dtype)
     try:
       model = models.get_model(config.model.name, self.info.num_classes,
                                **model_kwargs)
@@ -222,6 +300,11 @@ class Stage:
           stage_name: str = "") -> dict[str, float]:
     """Trains to `total_steps`, resuming from this stage's checkpoint if any.
 
+    On SIGTERM (a preemption notice) it finishes the current step, saves a
+    checkpoint at that step, waits for the save and raises `Preempted`; the
+    same call resumes from there and ends with the same state, bit for bit,
+    as an uninterrupted run.
+
     Args:
       init_from: another run's checkpoint folder to start from when this stage
         has none of its own.
@@ -229,7 +312,24 @@ class Stage:
 
     Returns:
       The final evaluation metrics.
+
+    Raises:
+      Preempted: after SIGTERM, once the checkpoint is saved.
     """
+    watch = PreemptionWatch().install()
+    try:
+      final = self._run(watch, init_from, stage_name)
+    finally:
+      watch.restore()
+    if watch.requested and not watch.sync:
+      # SIGTERM after the last step's check: the stage is complete and saved;
+      # stop anyway rather than start the next stage.
+      raise _preempted(self.total_steps, stage_name)
+    return final
+
+  def _run(self, watch: PreemptionWatch, init_from: str | None,
+           stage_name: str) -> dict[str, float]:
+    """`run()` under a `PreemptionWatch`."""
     config, total = self.config, self.total_steps
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"),
@@ -280,6 +380,12 @@ class Stage:
         averager.add(m)
         pending = None
 
+    def save(step):
+      ckpt.save(step, state, {
+          "step": step, "total_steps": total, "stage": stage_name,
+          "final_metrics": final if step == total else None,
+          "time": time.time()})
+
     batches = self.pipeline.iterate(start, self.streams)
     final = {}
     try:
@@ -304,10 +410,12 @@ class Stage:
           progress.log_line(step, final)
         if step % ckpt_every == 0 or step == total:
           flush()
-          ckpt.save(step, state, {
-              "step": step, "total_steps": total, "stage": stage_name,
-              "final_metrics": final if step == total else None,
-              "time": time.time()})
+          save(step)
+        if watch.reached(step):
+          flush()  # a non-finite step raises here, before it is saved
+          save(step)  # a no-op if this step was just saved
+          ckpt.wait()
+          raise _preempted(step, stage_name)
     finally:
       progress.close()
       writer.flush()
@@ -338,6 +446,7 @@ def stage_config(config: ml_collections.ConfigDict,
   overrides = config.stages[name].to_dict()
   for k in ("stages", "stage_order", "run_stages"):
     base.pop(k, None)
+  overrides.pop("init_from_stage", None)
 
   def merge(dst, src):
     for k, v in src.items():
@@ -378,6 +487,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns:
     The final evaluation metrics; for staged configs {stage: metrics}.
   """
+  if "://" in workdir:
+    raise R2D2Error(
+        f"--workdir={workdir!r}: a URL is not supported as a workdir yet. Use "
+        "a filesystem path that every process of the run sees (a local disk "
+        "for one host; NFS, Filestore or a gcsfuse mount of a bucket for a "
+        "pod or cluster). Datasets may still come from gs:// "
+        "(config.data.data_dir).")
   os.makedirs(workdir, exist_ok=True)
   if not config.get("stages"):
     return Stage(config, workdir).run(init_from=config.get("init_from"))
@@ -391,7 +507,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if "label_cache" in cfg.data and not cfg.data.label_cache:
         # Streamed datasets scan their labels once for the whole pipeline.
         cfg.data.label_cache = os.path.join(workdir, "train_labels.npz")
-      results[name] = Stage(cfg, stage_dir).run(init_from=previous,
+      start = _stage_init_from(config, name, previous, workdir)
+      results[name] = Stage(cfg, stage_dir).run(init_from=start,
                                                 stage_name=name)
     previous = os.path.join(stage_dir, "checkpoints")
   return results
+
+
+def _stage_init_from(config: ml_collections.ConfigDict, name: str,
+                     previous: str | None, workdir: str) -> str | None:
+  """Where stage `name` starts: its `init_from_stage`, else the previous stage.
+
+  `config.stages[name].init_from_stage` may be 'none' (from scratch: e.g. an
+  MPL teacher and student trained beside an R2-D2 pipeline in one config) or
+  the name of an earlier stage (e.g. a finetune that follows that stage).
+  """
+  which = config.stages[name].get("init_from_stage")
+  if which is None:
+    return previous
+  if which == "none":
+    return None
+  order = list(config.stage_order)
+  if which not in order[:order.index(name)]:
+    raise R2D2Error(
+        f"config.stages.{name}.init_from_stage is {which!r}; use 'none' or one "
+        f"of the stages before {name!r}: {order[:order.index(name)]}.")
+  return os.path.join(workdir, which, "checkpoints")

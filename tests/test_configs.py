@@ -75,3 +75,27 @@ def test_r2d2_imagenet_shards_the_table():
   from r2d2_jax.methods import r2d2
   assert train.stage_config(c, "d2").method == "r2d2"
   assert r2d2.METHOD.state_sharding is r2d2.state_sharding
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_quickstart_stages_are_the_standalone_configs(arg):
+  """The quick start's MPL and SemiMeta stages run exactly their own configs."""
+  q = _module("digits_quickstart").get_config(arg)
+  mpl = _module("mpl_digits").get_config(arg)
+  same = [("mpl", mpl, "mpl"), ("mpl_finetune", mpl, "finetune"),
+          ("semimeta", _module("semimeta_digits").get_config(arg), None),
+          ("finetune", _module("r2d2_digits").get_config(arg), "finetune")]
+  for name, other, other_stage in same:
+    got = train.stage_config(q, name).to_dict()
+    want = (train.stage_config(other, other_stage) if other_stage
+            else other).to_dict()
+    for k in ("stages", "stage_order", "run_stages"):
+      want.pop(k, None)
+    # Extra blocks of the other methods (e.g. `r2d2`) are unused; all else equal.
+    assert {k: got[k] for k in want} == want, name
+  assert q.stages.mpl.init_from_stage == "none"
+  assert q.stages.semimeta.init_from_stage == "none"
+  assert q.stages.mpl_finetune.init_from_stage == "mpl"
+  # One seed for every method.
+  q.seed = 3
+  assert all(train.stage_config(q, s).seed == 3 for s in q.stage_order)

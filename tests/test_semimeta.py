@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import linen as nn
 
 from r2d2_jax import losses
@@ -141,10 +142,10 @@ def test_updated_labels_are_distributions():
   assert float(jnp.sum(step * g[1:])) < 0
 
 
-def _bn_context(mode):
+def _bn_context(mode, meta_bn):
   cfg = helpers.tiny_config("semimeta")
   cfg.semimeta = semimeta.default_block()
-  cfg.semimeta.update(mode=mode, ramp_steps=0, label_lr=5.0)
+  cfg.semimeta.update(mode=mode, ramp_steps=0, label_lr=5.0, meta_bn=meta_bn)
   cfg.ema_decay = 0.0
   return Context(config=cfg, model=TinyBN(), tx=optax.sgd(0.1),
                  schedule=optax.constant_schedule(0.1), num_classes=3,
@@ -152,7 +153,8 @@ def _bn_context(mode):
                  steps_per_epoch=1)
 
 
-def test_meta_step_leaves_batch_norm_statistics_alone():
+@pytest.mark.parametrize("meta_bn", ["eval", "train"])
+def test_meta_step_leaves_batch_norm_statistics_alone(meta_bn):
   rng = np.random.default_rng(0)
   x_l = jnp.asarray(rng.normal(size=(4, 2, 2, 1)), jnp.float32)
   x_u = jnp.asarray(rng.normal(size=(4, 2, 2, 1)) + 1.0, jnp.float32)
@@ -161,7 +163,7 @@ def test_meta_step_leaves_batch_norm_statistics_alone():
   key = jax.random.key(1)
   results = {}
   for mode in ("exact", "first_order"):
-    ctx = _bn_context(mode)
+    ctx = _bn_context(mode, meta_bn)
     state = ctx.init_train_state(jax.random.key(0))
     step = jax.jit(lambda s, b, k, ctx=ctx: semimeta.train_step(s, b, k, ctx))
     new, m = step(state, batch, key)

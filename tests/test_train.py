@@ -133,6 +133,25 @@ def test_stages_hand_over_checkpoints(tmp_path):
     train.train_and_evaluate(c, str(tmp_path))
 
 
+def test_stage_init_from_stage_scratch_or_named(tmp_path):
+  c = helpers.tiny_config(total_steps=2)
+  c.stage_order = ("a", "b", "c")
+  c.stages = {"a": {"optimizer": {"lr": 0.05}},
+              # From scratch: the same config as `a` gives the same network.
+              "b": {"optimizer": {"lr": 0.05}, "init_from_stage": "none"},
+              # From `a`, not from the previous stage `b`; lr 0 keeps a's weights.
+              "c": {"optimizer": {"lr": 0.0}, "init_from_stage": "a",
+                    "total_steps": 1}}
+  train.train_and_evaluate(c, str(tmp_path))
+  params = {s: ckpt_lib.restore_raw(str(tmp_path / s))[0]["params"]
+            for s in "abc"}
+  for s in "bc":
+    chex.assert_trees_all_equal(params["a"], params[s])
+  c.stages.b.init_from_stage = "c"
+  with pytest.raises(R2D2Error, match="init_from_stage is 'c'"):
+    train.train_and_evaluate(c, str(tmp_path / "again"))
+
+
 def test_stage_config_merges_overrides():
   c = helpers.tiny_config()
   c.stage_order = ("a",)

@@ -9,7 +9,11 @@ sampler of `r2d2_jax.data.sampler`. `imagenet2012` is streamed by tf.data (see
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
 import os
+import struct
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -55,6 +59,18 @@ class ArraySplit:
 
 _MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+# The original MNIST files (the checksums tensorflow_datasets registers for them).
+_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz":
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz":
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz":
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz":
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", 10, (8, 8, 1), (83.,), (95.,), flip=False),
@@ -113,12 +129,81 @@ def check_manual_dir(info: DatasetInfo, manual_dir: str) -> None:
         f"../shared/data/mnist), or unset data.manual_dir to download them.")
 
 
+def _bad_mnist_file(path: str, problem: str) -> R2D2Error:
+  return R2D2Error(
+      f"MNIST file {path} {problem}. Replace it with the original file (from "
+      "http://yann.lecun.com/exdb/mnist/ or its mirrors; also in "
+      "../shared/data/mnist), or unset data.manual_dir to download it.")
+
+
+def check_mnist_file(path: str) -> None:
+  """Raises an error naming `path` unless it is the original MNIST file.
+
+  A file whose sha256 is the original's passes at once. Otherwise it says what
+  is wrong: not gzip or truncated, not an idx file of the right kind, images
+  not 28x28, the wrong number of examples, missing bytes, labels outside 0..9,
+  or (all of that fine) simply different content.
+
+  Args:
+    path: one of the four MNIST files (its name says which).
+  """
+  name = os.path.basename(path)
+  with open(path, "rb") as f:
+    raw = f.read()
+  digest = hashlib.sha256(raw).hexdigest()
+  if digest == _MNIST_SHA256[name]:
+    return
+  try:
+    data = gzip.decompress(raw)
+  except (OSError, EOFError, zlib.error) as e:
+    raise _bad_mnist_file(path, f"is not a complete gzip file ({e}): it is "
+                          "truncated or corrupt") from None
+  images = "images" in name
+  kind = "image" if images else "label"
+  magic, header = (2051, 16) if images else (2049, 8)
+  expected_count = 60_000 if name.startswith("train") else 10_000
+  if len(data) < header:
+    raise _bad_mnist_file(path, f"holds {len(data)} bytes, fewer than an idx "
+                          f"{kind} file's {header}-byte header")
+  got_magic, count = struct.unpack(">II", data[:8])
+  if got_magic != magic:
+    raise _bad_mnist_file(path, f"starts with magic number {got_magic}, not "
+                          f"{magic}: it is not an idx {kind} file")
+  if images:
+    rows, cols = struct.unpack(">II", data[8:16])
+    if (rows, cols) != (28, 28):
+      raise _bad_mnist_file(path, f"holds images of {rows}x{cols} pixels, "
+                            "not 28x28")
+  if count != expected_count:
+    raise _bad_mnist_file(path, f"holds {count} {kind}s, not {expected_count}")
+  body = count * (28 * 28 if images else 1)
+  if len(data) - header != body:
+    raise _bad_mnist_file(path, f"has {len(data) - header} bytes of {kind}s "
+                          f"after its header, not {body}")
+  if not images:
+    labels = np.frombuffer(data, np.uint8, offset=header)
+    if labels.max() > 9:
+      raise _bad_mnist_file(path, f"has labels in [{labels.min()}, "
+                            f"{labels.max()}], outside [0, 9]")
+  raise _bad_mnist_file(path, f"is not the original: its sha256 is {digest}, "
+                        f"the original's {_MNIST_SHA256[name]}")
+
+
+def check_manual_files(info: DatasetInfo, manual_dir: str) -> None:
+  """Checks the files of `manual_dir` we know the contents of (MNIST's)."""
+  if info.name == "mnist":
+    for f in info.manual_files:
+      check_mnist_file(os.path.join(manual_dir, f))
+
+
 def _load_tfds(info: DatasetInfo, data_dir: str | None,
                manual_dir: str | None) -> dict[str, ArraySplit]:
+  if manual_dir:
+    check_manual_dir(info, manual_dir)
+    check_manual_files(info, manual_dir)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   kwargs = {}
   if manual_dir:
-    check_manual_dir(info, manual_dir)
     kwargs["download_and_prepare_kwargs"] = {
         "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
   out = {}
@@ -150,6 +235,12 @@ def validate(info: DatasetInfo, splits: dict[str, ArraySplit],
     if s.images.dtype != np.uint8:
       raise R2D2Error(f"{source}: split {name!r} images are {s.images.dtype}, "
                       "expected uint8.")
+    if not len(s.images):
+      raise R2D2Error(f"{source}: split {name!r} has no examples.")
+    if s.labels.ndim != 1 or not np.issubdtype(s.labels.dtype, np.integer):
+      raise R2D2Error(
+          f"{source}: split {name!r} has labels of shape {s.labels.shape} and "
+          f"dtype {s.labels.dtype}, expected one integer class per image.")
     if len(s.labels) != len(s.images):
       raise R2D2Error(f"{source}: split {name!r} has {len(s.images)} images "
                       f"but {len(s.labels)} labels.")
@@ -182,6 +273,18 @@ def load_in_memory(name: str, data_dir: str | None = None,
     raise R2D2Error(f"Dataset {name!r} is streamed, not held in memory.")
   loader = _LOADERS.get(name, _load_tfds)
   splits = loader(info, data_dir, manual_dir)
-  validate(info, splits, source=f"dataset {name!r} (manual_dir={manual_dir!r})"
-           if manual_dir else f"dataset {name!r}")
+  validate(info, splits, source=_describe_source(info, data_dir, manual_dir)
+           if loader is _load_tfds else f"dataset {name!r}")
   return splits
+
+
+def _describe_source(info: DatasetInfo, data_dir: str | None,
+                     manual_dir: str | None) -> str:
+  """Where tensorflow_datasets read `info`'s data: its folder, and manual_dir."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    where = str(tfds.builder(info.tfds_name, data_dir=data_dir).data_dir)
+  except Exception:  # pylint: disable=broad-except
+    where = f"data_dir={data_dir!r}"
+  out = f"dataset {info.name!r} (tensorflow_datasets folder {where}"
+  return out + (f", manual_dir={manual_dir!r})" if manual_dir else ")")

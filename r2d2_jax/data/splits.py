@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 
 from r2d2_jax.errors import R2D2Error
@@ -94,7 +95,9 @@ def save_or_check(split: Split, path: str, meta: dict) -> None:
           "config makes. Use a new --workdir, or the config that made it.")
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
+  # A temporary name of this process's own: on a multi-host run every process
+  # writes the same record at once, and each rename is atomic.
+  tmp = f"{path}.tmp.{os.getpid()}.{jax.process_index()}"
   with open(tmp, "w") as f:
     json.dump(record, f)
   os.replace(tmp, path)

@@ -301,10 +301,6 @@ def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
     return ctx.apply_train({"params": params, **student.model_state}, x,
                            key)[0]
 
-  def ce_u_fn(params, targets):
-    return losses.soft_cross_entropy(s_logits(params, x_s, k_su), targets,
-                                     label_smoothing=smoothing)
-
   def ce_l_fn(params):
     return losses.cross_entropy(s_logits(params, x_l, k_sl), y_l)
 
@@ -322,14 +318,26 @@ def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
       sample=cfg.get("sample_labels", False), rng=k_sample))
 
   # 2. The student's real step (BN statistics kept).
-  def s_loss(params):
+  def s_loss(params, targets):
     logits, model_state = ctx.apply_train(
         {"params": params, **student.model_state}, x_s, k_su)
     return losses.soft_cross_entropy(logits, targets,
                                      label_smoothing=smoothing), model_state
 
-  (s_loss_u, s_model_state), s_grads = jax.value_and_grad(
-      s_loss, has_aux=True)(student.params)
+  if mode == "exact":
+    # The inner SGD step of 'exact' differentiates ∇θS CE(ŷ, S(x_s; θS)) at
+    # the same θS, x_s, dropout key and ŷ as this real step: compute that
+    # gradient once, linearised in ŷ (its transpose is the meta-gradient).
+    def s_grad(y):
+      (loss, model_state), grads = jax.value_and_grad(
+          s_loss, has_aux=True)(student.params, y)
+      return grads, (loss, model_state)
+
+    s_grads, inner_vjp, (s_loss_u, s_model_state) = jax.vjp(
+        s_grad, targets, has_aux=True)
+  else:
+    (s_loss_u, s_model_state), s_grads = jax.value_and_grad(
+        s_loss, has_aux=True)(student.params, targets)
   new_student = student.apply_gradients(s_grads, ctx.tx, s_model_state,
                                         ctx.ema_decay)
 
@@ -348,6 +356,11 @@ def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
 
   # 3. The teacher's loss as a function of its logits.
   weight = uda.uda_weight(state.step, ctx.config)
+  if mode == "exact":
+    # L_l(θS'), θS' = θS − ηS ∇θS CE_u(θS, ŷ), and ∂L_l(θS')/∂ŷ.
+    stepped = meta.sgd_step(student.params, s_grads, s_lr)
+    exact_term, g_stepped = jax.value_and_grad(ce_l_fn)(stepped)
+    (g_targets,) = inner_vjp(jax.tree.map(lambda g: -s_lr * g, g_stepped))
 
   def t_loss(logits):
     tl, tw, ts = jnp.split(logits, [n_l, n_l + n_u])
@@ -355,8 +368,9 @@ def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
                                   **uda.uda_kwargs(ctx.config))
     if mode == "exact":
       soft = pseudo_labels(ts, "exact", temperature=cfg.get("temperature", 1.0))
-      mpl_term = labeled_loss_after_step(soft, student.params, ce_u_fn,
-                                         ce_l_fn, s_lr)
+      # Value L_l(θS'); gradient w.r.t. ts: ∂L_l(θS')/∂ŷ through the softmax.
+      surrogate = jnp.vdot(jax.lax.stop_gradient(g_targets), soft)
+      mpl_term = exact_term + surrogate - jax.lax.stop_gradient(surrogate)
     elif mode == "first_order":
       mpl_term = first_order_term(ts, targets, coef)
     else:

@@ -240,7 +240,9 @@ def table_stats(stage, state: R2D2State) -> dict[str, float]:
     labels[:stage.ctx.num_train] = stage.ctx.train_labels
     labels = jax.device_put(labels, NamedSharding(mesh, table_lib.ROW_SPEC))
 
-    def stats(table, learnable):
+    # The labels are an argument, not a constant: a jitted function may not
+    # close over an array that spans several processes.
+    def stats(table, learnable, labels):
       logq = jax.nn.log_softmax(table)
       q = jnp.exp(logq)
       w = learnable / jnp.maximum(jnp.sum(learnable), 1.0)
@@ -248,7 +250,8 @@ def table_stats(stage, state: R2D2State) -> dict[str, float]:
       return {"pseudo_labels/accuracy": jnp.sum(w * correct),
               "pseudo_labels/entropy": jnp.sum(w * -jnp.sum(q * logq, -1)),
               "pseudo_labels/max_prob": jnp.sum(w * jnp.max(q, -1))}
-    return jax.jit(stats, out_shardings=NamedSharding(mesh, P()))
+    fn = jax.jit(stats, out_shardings=NamedSharding(mesh, P()))
+    return lambda table, learnable: fn(table, learnable, labels)
 
   fn = _compiled(stage, "r2d2/stats", build)
   return {k: float(v) for k, v in

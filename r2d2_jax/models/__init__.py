@@ -11,8 +11,9 @@ Contract shared by every model returned by `get_model`:
   ``features`` is the float32 penultimate representation ``[B, D]`` (the input
   of the last dense layer; D = 2 for ``lenet_2d``).
 * Attributes: ``num_classes``; ``dtype`` (compute dtype, default float32, e.g.
-  bfloat16 for mixed precision; parameters are always float32); dropout rates
-  where the papers use dropout.
+  bfloat16 for mixed precision; parameters are always float32; the trainer
+  takes it from ``config.model.dtype``, validated by `compute_dtype`); dropout
+  rates where the papers use dropout.
 * BatchNorm uses ``use_running_average=not train`` and the ``batch_stats``
   collection: in training pass ``mutable=['batch_stats']``.
 * Randomness in training comes from the rng names listed in the class attribute
@@ -36,9 +37,10 @@ Registry names:
 """
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from r2d2_jax.errors import R2D2Error, unknown_name
 from r2d2_jax.models.cnn_small import CNNSmall
@@ -65,8 +67,54 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# `config.model.dtype` values: the compute dtype ('' = float32). Parameters,
+# logits, losses and optimizer state stay float32 whatever is chosen. float16
+# is left out: it needs loss scaling, which this library does not do.
+COMPUTE_DTYPES: dict[str, Any] = {
+    '': jnp.float32,
+    'float32': jnp.float32,
+    'bfloat16': jnp.bfloat16,
+}
+
+
 class UnknownModelError(R2D2Error, ValueError):
   """A model name that is not in `MODELS`."""
+
+
+class UnknownDtypeError(R2D2Error, ValueError):
+  """A compute dtype that is not in `COMPUTE_DTYPES`."""
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """Validates a compute dtype given by name (e.g. `config.model.dtype`) or type.
+
+  Args:
+    dtype: A key of `COMPUTE_DTYPES` ('' or None = float32), or a dtype such as
+      ``jnp.bfloat16``.
+
+  Returns:
+    The numpy dtype, float32 or bfloat16.
+
+  Raises:
+    UnknownDtypeError: (an `R2D2Error` and a `ValueError`) for anything else;
+      the message lists the valid names.
+  """
+  if dtype is None:
+    dtype = ''
+  if isinstance(dtype, str):
+    if dtype not in COMPUTE_DTYPES:
+      raise UnknownDtypeError(
+          f'Unknown model dtype {dtype!r}. Valid dtypes: '
+          f"{', '.join(repr(k) for k in COMPUTE_DTYPES)} ('' = float32).")
+    return jnp.dtype(COMPUTE_DTYPES[dtype])
+  try:
+    out = jnp.dtype(dtype)
+  except TypeError:
+    out = None
+  if out is None or out not in {jnp.dtype(d) for d in COMPUTE_DTYPES.values()}:
+    raise UnknownDtypeError(
+        f'Unsupported model dtype {dtype!r}: use float32 or bfloat16.')
+  return out
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
@@ -75,22 +123,26 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   Args:
     name: A key of `MODELS`, e.g. 'wrn28_2'.
     num_classes: Number of output logits.
-    **kwargs: Further module attributes, e.g. ``dtype=jnp.bfloat16``,
-      ``dropout_rate=0.2`` or ``depth=16, width=4`` for 'wide_resnet'.
+    **kwargs: Further module attributes, e.g. ``dtype=jnp.bfloat16`` (or
+      ``dtype='bfloat16'``; see `compute_dtype`), ``dropout_rate=0.2`` or
+      ``depth=16, width=4`` for 'wide_resnet'.
 
   Returns:
     The (unbound) flax module.
 
   Raises:
-    ValueError: (an `R2D2Error` too) if `name` is unknown; the message lists
-      the valid names.
+    ValueError: (an `R2D2Error` too) if `name` or `dtype` is unknown; the
+      message lists the valid ones.
   """
   if name not in MODELS:
     raise UnknownModelError(str(unknown_name('model', name, MODELS)))
+  if 'dtype' in kwargs:
+    kwargs['dtype'] = compute_dtype(kwargs['dtype'])
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 __all__ = [
-    'MODELS', 'get_model', 'UnknownModelError', 'CNNSmall', 'ConvLarge',
+    'COMPUTE_DTYPES', 'MODELS', 'compute_dtype', 'get_model',
+    'UnknownDtypeError', 'UnknownModelError', 'CNNSmall', 'ConvLarge',
     'LeNet', 'ResNet', 'ResNet18', 'ResNet50', 'ShakeShake', 'WideResNet',
 ]
