@@ -83,20 +83,21 @@ def r2d2_stages(c: ml_collections.ConfigDict, *, supervised: dict,
   c.stage_order = ("supervised", "d2", "r2", "finetune")
   c.run_stages = ""
   c.stages = ml_collections.ConfigDict({
-      "supervised": _merged(dict(method="supervised", data=dict(uratio=0)),
+      "supervised": merged(dict(method="supervised", data=dict(uratio=0)),
                             supervised),
-      "d2": _merged(dict(method="r2d2"), d2),
-      "r2": _merged(dict(method="r2d2"), r2),
-      "finetune": _merged(dict(method="r2d2_finetune",
+      "d2": merged(dict(method="r2d2"), d2),
+      "r2": merged(dict(method="r2d2"), r2),
+      "finetune": merged(dict(method="r2d2_finetune",
                                data=dict(unlabeled="all")), finetune),
   })
 
 
-def _merged(defaults: dict, overrides: dict) -> dict:
+def merged(defaults: dict, overrides: dict) -> dict:
+  """`defaults` updated by `overrides`, nested dicts merged key by key."""
   out = dict(defaults)
   for k, v in overrides.items():
     if isinstance(v, dict) and isinstance(out.get(k), dict):
-      out[k] = _merged(out[k], v)
+      out[k] = merged(out[k], v)
     else:
       out[k] = v
   return out

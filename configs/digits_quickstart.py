@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from configs import common
 from configs import mpl_digits
 from configs import r2d2_digits
 from configs import semimeta_digits
@@ -31,14 +32,12 @@ from configs import semimeta_digits
 
 def get_config(arg: str | None = None):
   c = r2d2_digits.get_config(arg)
-  base = c.to_dict()
-  for k in ("stages", "stage_order", "run_stages"):
-    base.pop(k)
+  base = _shared_part(c)
   stages = c.stages.to_dict()
   mpl = mpl_digits.get_config(arg)
-  mpl_base = mpl.to_dict()
+  mpl_base = _shared_part(mpl)
   for name, renamed in (("mpl", "mpl"), ("finetune", "mpl_finetune")):
-    full = _merged(mpl_base, mpl.stages[name].to_dict())
+    full = common.merged(mpl_base, mpl.stages[name].to_dict())
     stages[renamed] = _diff(full, base)
   stages["mpl"]["init_from_stage"] = "none"
   stages["mpl_finetune"]["init_from_stage"] = "mpl"
@@ -49,16 +48,11 @@ def get_config(arg: str | None = None):
   return c
 
 
-def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-  out = dict(base)
-  for k, v in overrides.items():
-    if isinstance(v, dict) and isinstance(out.get(k), dict):
-      out[k] = _merged(out[k], v)
-    else:
-      out[k] = v
-  out.pop("stages", None)
-  out.pop("stage_order", None)
-  out.pop("run_stages", None)
+def _shared_part(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A staged config as a dict without its stage list: what every stage shares."""
+  out = config.to_dict()
+  for k in ("stages", "stage_order", "run_stages"):
+    out.pop(k)
   return out
 
 

@@ -1,9 +1,13 @@
 """Small configs and data shared by the tests."""
 
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from configs import common
+from r2d2_jax import methods
 from r2d2_jax.data import sources
+from r2d2_jax.methods import supervised
 
 
 def tiny_config(method: str = "supervised", **overrides):
@@ -28,6 +32,44 @@ def tiny_config(method: str = "supervised", **overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+def mpl_blocks(c, mode: str = "first_order", h: str = "difference") -> None:
+  """MPL's teacher and UDA settings for tiny runs: μ = 2, the student waits 1 step."""
+  c.data.uratio = 2
+  c.optimizer.schedule.wait_steps = 1  # the student waits; the teacher not
+  c.mpl = ml_collections.ConfigDict(dict(
+      mode=mode, h=h, sample_labels=False, temperature=1.0,
+      baseline_decay=0.01,
+      teacher_optimizer=dict(name="sgd", lr=0.05, momentum=0.9, nesterov=True,
+                             weight_decay=5e-4, grad_clip_norm=5.0,
+                             schedule=dict(name="cosine", warmup_steps=1,
+                                           wait_steps=0, decay_steps=0))))
+  c.uda = common.uda_block(weight=2.0, ramp_steps=2, temperature=0.7,
+                           threshold=0.6, label_smoothing=0.1)
+
+
+def tiny_mpl_config(mode: str = "first_order", h: str = "difference",
+                    **overrides):
+  """A tiny MPL config: first-order (or `mode`) MPL + UDA on a small MLP."""
+  c = tiny_config("mpl", **overrides)
+  # A one-hidden-layer MLP with BatchNorm: the MPL step holds many forward and
+  # backward passes, and this keeps their compile time to seconds.
+  c.model.name = "mlp_mnist"
+  c.model.kwargs = ml_collections.ConfigDict(dict(widths=(16,)))
+  c.label_smoothing = 0.1
+  mpl_blocks(c, mode, h)
+  return c
+
+
+def nan_method() -> methods.Method:
+  """Supervised, with a NaN loss from step 3 on (registered as 'nan_at_3')."""
+  def train_step(state, batch, rng, ctx):
+    state, m = supervised.train_step(state, batch, rng, ctx)
+    m["losses/total"] = jnp.where(state.step >= 3, jnp.nan, m["losses/total"])
+    return state, m
+  return methods.Method(name="nan_at_3", views=supervised.views,
+                        init_state=supervised.init_state, train_step=train_step)
 
 
 def fake_splits(n_train: int = 200, n_test: int = 50, shape=(8, 8, 1),

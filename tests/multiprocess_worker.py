@@ -43,29 +43,8 @@ def r2d2_config() -> ml_collections.ConfigDict:
   return c
 
 
-def mpl_config() -> ml_collections.ConfigDict:
-  """tests/test_mpl.py's trainer config (first-order MPL + UDA, a small MLP)."""
-  c = helpers.tiny_config("mpl")
-  c.model.name = "mlp_mnist"
-  c.model.kwargs = ml_collections.ConfigDict(dict(widths=(16,)))
-  c.data.uratio = 2
-  c.label_smoothing = 0.1
-  c.optimizer.schedule.wait_steps = 1
-  c.mpl = ml_collections.ConfigDict(dict(
-      mode="first_order", h="difference", sample_labels=False,
-      temperature=1.0, baseline_decay=0.01,
-      teacher_optimizer=dict(name="sgd", lr=0.05, momentum=0.9, nesterov=True,
-                             weight_decay=5e-4, grad_clip_norm=5.0,
-                             schedule=dict(name="cosine", warmup_steps=1,
-                                           wait_steps=0, decay_steps=0))))
-  c.uda = ml_collections.ConfigDict(dict(
-      weight=2.0, ramp_steps=2, temperature=0.7, threshold=0.6,
-      label_smoothing=0.1))
-  return c
-
-
 CONFIGS = {"supervised": supervised_config, "r2d2": r2d2_config,
-           "mpl": mpl_config}
+           "mpl": helpers.tiny_mpl_config}
 
 
 def _flat(tree) -> dict[str, np.ndarray]:

@@ -272,18 +272,9 @@ def test_leftovers_of_a_killed_save_are_not_a_checkpoint(tmp_path):
   assert not os.path.exists(os.path.join(d, "6.orbax-checkpoint-tmp"))
 
 
-def _nan_method():
-  def train_step(state, batch, rng, ctx):
-    state, m = supervised.train_step(state, batch, rng, ctx)
-    m["losses/total"] = jnp.where(state.step >= 3, jnp.nan, m["losses/total"])
-    return state, m
-  return methods.Method(name="nan_at_3", views=supervised.views,
-                        init_state=supervised.init_state, train_step=train_step)
-
-
 def test_non_finite_loss_under_sigterm_does_not_save_it(tmp_path, monkeypatch):
   """A SIGTERM at a non-finite step stops with the non-finite error, unsaved."""
-  monkeypatch.setitem(methods.METHODS, "nan_at_3", _nan_method())
+  monkeypatch.setitem(methods.METHODS, "nan_at_3", helpers.nan_method())
   c = helpers.tiny_config("nan_at_3", total_steps=6, checkpoint_every_steps=2,
                           log_every_steps=5)
   monkeypatch.setattr(train.PreemptionWatch, "reached",

@@ -75,18 +75,7 @@ def _config(method: str, dtype: str, model: str) -> ml_collections.ConfigDict:
     common.r2d2_block(c)
     c.data.uratio = 3
   if method in ("mpl", "uda"):
-    c.data.uratio = 2
-    c.optimizer.schedule.wait_steps = 1
-    c.mpl = ml_collections.ConfigDict(dict(
-        mode=mode or "first_order", h="difference", sample_labels=False,
-        temperature=1.0, baseline_decay=0.01,
-        teacher_optimizer=dict(name="sgd", lr=0.05, momentum=0.9,
-                               nesterov=True, weight_decay=5e-4,
-                               grad_clip_norm=5.0,
-                               schedule=dict(name="cosine", warmup_steps=1,
-                                             wait_steps=0, decay_steps=0))))
-    c.uda = common.uda_block(weight=2.0, ramp_steps=2, temperature=0.7,
-                             threshold=0.6, label_smoothing=0.1)
+    helpers.mpl_blocks(c, mode or "first_order")
   if method == "semimeta":
     c.data.uratio = 1
     c.semimeta = semimeta.default_block()

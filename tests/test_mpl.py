@@ -214,26 +214,7 @@ def test_uda_loss_mask_and_stop_gradient():
 # The jitted step through the trainer
 
 
-def mpl_config(mode="first_order", h="difference", **overrides):
-  c = helpers.tiny_config("mpl", **overrides)
-  # A one-hidden-layer MLP with BatchNorm: the MPL step holds many forward and
-  # backward passes, and this keeps their compile time to seconds.
-  c.model.name = "mlp_mnist"
-  c.model.kwargs = ml_collections.ConfigDict(dict(widths=(16,)))
-  c.data.uratio = 2
-  c.label_smoothing = 0.1
-  c.optimizer.schedule.wait_steps = 1  # the student waits; the teacher not
-  c.mpl = ml_collections.ConfigDict(dict(
-      mode=mode, h=h, sample_labels=False, temperature=1.0,
-      baseline_decay=0.01,
-      teacher_optimizer=dict(name="sgd", lr=0.05, momentum=0.9, nesterov=True,
-                             weight_decay=5e-4, grad_clip_norm=5.0,
-                             schedule=dict(name="cosine", warmup_steps=1,
-                                           wait_steps=0, decay_steps=0))))
-  c.uda = ml_collections.ConfigDict(dict(
-      weight=2.0, ramp_steps=2, temperature=0.7, threshold=0.6,
-      label_smoothing=0.1))
-  return c
+mpl_config = helpers.tiny_mpl_config
 
 
 @pytest.fixture

@@ -1,10 +1,8 @@
 """The trainer: sharding parity, compilation, checkpoints, resume, stages, errors."""
 
-import os
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,9 +10,7 @@ from r2d2_jax import checkpoint as ckpt_lib
 from r2d2_jax import methods
 from r2d2_jax import sharding
 from r2d2_jax import train
-from r2d2_jax.data import pipeline as pipeline_lib
 from r2d2_jax.errors import NonFiniteError, R2D2Error
-from r2d2_jax.methods import supervised
 from tests import helpers
 
 
@@ -91,17 +87,8 @@ def test_rerun_of_finished_run_returns_results(tmp_path):
   assert first == again and 0.0 <= first["accuracy/raw"] <= 1.0
 
 
-def _nan_method():
-  def train_step(state, batch, rng, ctx):
-    state, m = supervised.train_step(state, batch, rng, ctx)
-    m["losses/total"] = jnp.where(state.step >= 3, jnp.nan, m["losses/total"])
-    return state, m
-  return methods.Method(name="nan_at_3", views=supervised.views,
-                        init_state=supervised.init_state, train_step=train_step)
-
-
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-  monkeypatch.setitem(methods.METHODS, "nan_at_3", _nan_method())
+  monkeypatch.setitem(methods.METHODS, "nan_at_3", helpers.nan_method())
   c = helpers.tiny_config("nan_at_3", total_steps=6, checkpoint_every_steps=2,
                           log_every_steps=1)
   with pytest.raises(NonFiniteError, match=r"'losses/total' is nan at step 3.*"

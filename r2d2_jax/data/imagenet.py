@@ -230,16 +230,12 @@ def _prepared_builder(info: sources.DatasetInfo, data_dir: str | None,
         "manual). The first run then prepares the dataset in data_dir "
         "(hours, about 150 GB besides the tar files).")
   if jax.process_index() == 0:
-    # Like sources.check_manual_dir, but without its "unset manual_dir to
-    # download" advice: ImageNet cannot be downloaded automatically.
-    missing = [f for f in info.manual_files
-               if not os.path.exists(os.path.join(manual_dir, f))]
-    if missing:
-      raise R2D2Error(
-          f"Offline data for {info.name!r} is incomplete: {', '.join(missing)} "
-          f"not found in manual_dir={manual_dir!r}. That folder must hold "
-          f"{' and '.join(info.manual_files)} as downloaded by hand from "
-          "https://image-net.org (an account is needed).")
+    # ImageNet cannot be downloaded automatically: no "unset manual_dir" advice.
+    sources.check_manual_dir(
+        info, manual_dir,
+        advice=(f"That folder must hold {' and '.join(info.manual_files)} as "
+                "downloaded by hand from https://image-net.org (an account is "
+                "needed)."))
     logging.info("Preparing %s from %s into %s (once; this takes hours on the "
                  "real dataset).", info.name, manual_dir, builder.data_dir)
     try:

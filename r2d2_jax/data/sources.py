@@ -117,16 +117,26 @@ def _load_digits() -> dict[str, ArraySplit]:
           "test": ArraySplit(images[n:], labels[n:])}
 
 
-def check_manual_dir(info: DatasetInfo, manual_dir: str) -> None:
-  """Raises a readable error if `manual_dir` lacks files the offline build needs."""
+def check_manual_dir(info: DatasetInfo, manual_dir: str,
+                     advice: str | None = None) -> None:
+  """Raises a readable error if `manual_dir` lacks files the offline build needs.
+
+  Args:
+    info: the dataset.
+    manual_dir: the folder given as data.manual_dir.
+    advice: what the error tells the user to do (default: put the original
+      files there, or unset manual_dir to download them).
+  """
   missing = [f for f in info.manual_files
              if not os.path.exists(os.path.join(manual_dir, f))]
   if missing:
+    if advice is None:
+      advice = (f"Put the original files ({', '.join(info.manual_files)}) in "
+                "that folder (for MNIST they are in ../shared/data/mnist), or "
+                "unset data.manual_dir to download them.")
     raise R2D2Error(
         f"Offline data for {info.name!r} is incomplete: {', '.join(missing)} "
-        f"not found in manual_dir={manual_dir!r}. Put the original files "
-        f"({', '.join(info.manual_files)}) in that folder (for MNIST they are in "
-        f"../shared/data/mnist), or unset data.manual_dir to download them.")
+        f"not found in manual_dir={manual_dir!r}. {advice}")
 
 
 def _bad_mnist_file(path: str, problem: str) -> R2D2Error:

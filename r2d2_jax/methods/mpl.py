@@ -123,6 +123,10 @@ def labeled_loss_after_step(targets: jax.Array, student_params: PyTree,
 
   Returns:
     The student's labeled CE after one plain SGD step on the pseudo-labels.
+
+  This is the reference form of the objective. `train_step` computes the same
+  value and its gradient fused with the student's real step (one backward
+  pass, linearised in ŷ); tests/test_mpl.py checks that the two agree.
   """
   stepped = meta.inner_step(ce_u_fn, student_params, lr, targets)
   return ce_l_fn(stepped)
