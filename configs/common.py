@@ -50,6 +50,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def digits_setup(c: ml_collections.ConfigDict) -> None:
+  """The digits experiments' network and data, shared by every method on them.
+
+  cnn_small on sklearn's digits with 50 labels (5 per class); 16 labeled + 48
+  unlabeled images per step; translations by 1 pixel as the weak view.
+  """
+  c.model.name = "cnn_small"
+  c.data.dataset = "digits"
+  c.data.num_labels = 50
+  c.data.batch_size = 16      # mixed batch: 16 labeled + 48 unlabeled (25 %)
+  c.data.uratio = 3
+  c.data.eval_batch_size = 360
+  c.data.augment.weak.translate = 1
+
+
 def mnist_data(c: ml_collections.ConfigDict, num_labels: int = 100) -> None:
   """MNIST: 28x28x1, translate by 2, no flips."""
   c.data.dataset = "mnist"

@@ -22,13 +22,7 @@ from configs import common
 def get_config(arg: str | None = None):
   c = common.base_config()
   c.method = "mpl"
-  c.model.name = "cnn_small"
-  c.data.dataset = "digits"
-  c.data.num_labels = 50
-  c.data.batch_size = 16
-  c.data.uratio = 3
-  c.data.eval_batch_size = 360
-  c.data.augment.weak.translate = 1
+  common.digits_setup(c)
   c.data.augment.strong.update(num_ops=2, magnitude=10, cutout=2)
   c.label_smoothing = 0.1
   c.optimizer.update(name="sgd", lr=0.05, momentum=0.9, nesterov=True,

@@ -20,13 +20,7 @@ from configs import common
 
 def get_config(arg: str | None = None):
   c = common.base_config()
-  c.model.name = "cnn_small"
-  c.data.dataset = "digits"
-  c.data.num_labels = 50
-  c.data.batch_size = 16      # mixed batch: 16 labeled + 48 unlabeled (25 %)
-  c.data.uratio = 3
-  c.data.eval_batch_size = 360
-  c.data.augment.weak.translate = 1
+  common.digits_setup(c)
   c.optimizer.update(name="sgd", lr=0.03, momentum=0.9, nesterov=True,
                      weight_decay=2e-4)
   c.ema_decay = 0.99

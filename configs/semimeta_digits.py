@@ -22,13 +22,7 @@ from r2d2_jax.methods import semimeta
 def get_config(arg: str | None = None):
   c = common.base_config()
   c.method = "semimeta"
-  c.model.name = "cnn_small"
-  c.data.dataset = "digits"
-  c.data.num_labels = 50
-  c.data.batch_size = 16
-  c.data.uratio = 3
-  c.data.eval_batch_size = 360
-  c.data.augment.weak.translate = 1
+  common.digits_setup(c)
   c.optimizer.update(name="sgd", lr=0.03, momentum=0.9, nesterov=False,
                      weight_decay=2e-4)
   c.optimizer.schedule.update(name="cosine", warmup_steps=200)
