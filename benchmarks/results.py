@@ -4,10 +4,23 @@ r"""Test error of a (staged) config over several seeds, written to docs/results.
   python -m benchmarks.results --config configs/r2d2_mnist.py --seeds 0 1 2 \
       --override data.manual_dir=../shared/data/mnist --write
 
-Each seed is a full run of the config (`seed` chooses the labeled split, the
-initialisation and the data order) in `--root/SEED`; a run that already
-finished is read back, not retrained. The table gives the test error (100 −
-accuracy, %) of every stage, mean ± standard deviation over the seeds.
+Each seed is a full run of the config (`seed` chooses the validation and
+labeled splits, the initialisation and the data order) in `--root/SEED`; a
+run that already finished is read back, not retrained. From each stage's
+`eval_history.jsonl` (every evaluation) it gives the test error (100 −
+top-1 accuracy, %) of the raw and the EMA weights, per seed and mean ± std
+over the seeds, three ways:
+
+  at best val   the test error at the evaluation with the highest validation
+                accuracy of the same weights (ties: the latest). Chosen on the
+                validation set (`data.num_val`, carved from the train split),
+                never on test; n/a without a validation set.
+  median last 20  the median test error of the last 20 evaluations
+                (FixMatch's protocol); n/a with fewer than 20.
+  final         the test error at the last step.
+
+The headline is "at best val" of the raw weights, or "median last 20" of the
+raw weights for a config without a validation set; the table says which.
 """
 
 from __future__ import annotations
@@ -21,7 +34,11 @@ import time
 import numpy as np
 
 from benchmarks import report
+from r2d2_jax import analysis
 from r2d2_jax import train
+
+WEIGHTS = ("raw", "ema")
+FIGURES = ("at best val", "median last 20", "final")
 
 # (stage, method) -> row label; R2-D2's stages name its ablation rows.
 LABELS = {("supervised", "supervised"): "supervised-only",
@@ -66,6 +83,57 @@ def apply_override(config, item: str) -> None:
     node[last] = value
 
 
+def stage_errors(history: list[dict], final_metrics: dict,
+                 weights: str) -> dict[str, float]:
+  """Test error % of one stage's `weights` ('raw' or 'ema'), each figure of FIGURES.
+
+  Args:
+    history: the stage's evaluations (`analysis.eval_history`).
+    final_metrics: the stage's final metrics (what `train_and_evaluate`
+      returned), used for "final" when the history is missing.
+    weights: 'raw' or 'ema'.
+  """
+  test, val = f"accuracy/test/{weights}", f"accuracy/val/{weights}"
+  last = analysis.final(history, test)
+  if np.isnan(last):  # a run from before the history (or its old key names)
+    last = final_metrics.get(test, final_metrics.get(f"accuracy/{weights}",
+                                                     np.nan))
+  acc = {"at best val": analysis.at_best(history, val, test),
+         "median last 20": analysis.median_last(history, test, 20),
+         "final": last}
+  return {k: 100.0 * (1.0 - v) for k, v in acc.items()}
+
+
+def headline(per_stage: dict) -> str:
+  """The figure of the headline: at best val if every stage and seed has it."""
+  for figure in ("at best val", "median last 20"):
+    if all(not np.isnan(v) for errs in per_stage.values()
+           for v in errs["raw"][figure]):
+      return figure
+  return "final"
+
+
+def cell(values: list[float]) -> str:
+  """'mean ± std (seed values)', n/a if any seed lacks the figure."""
+  e = np.asarray(values, float)
+  if np.isnan(e).any():
+    return "n/a"
+  std = e.std(ddof=1) if len(e) > 1 else 0.0
+  return f"{e.mean():.2f} ± {std:.2f} ({', '.join(f'{x:.2f}' for x in e)})"
+
+
+def table(per_stage: dict, labels: dict, figure: str) -> list[str]:
+  """The markdown table: one row per stage, raw and EMA, each FIGURES column."""
+  cols = [f"{w} {f}" + (" (headline)" if (w, f) == ("raw", figure) else "")
+          for w in WEIGHTS for f in FIGURES]
+  lines = ["| stage | " + " | ".join(cols) + " |",
+           "| --- |" + " ---: |" * len(cols)]
+  for stage, errs in per_stage.items():
+    lines.append(f"| {labels[stage]} | " + " | ".join(
+        cell(errs[w][f]) for w in WEIGHTS for f in FIGURES) + " |")
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True)
@@ -76,39 +144,67 @@ def main():
                       help="key=value config overrides, e.g. data.manual_dir=DIR")
   parser.add_argument("--title", default=None)
   parser.add_argument("--notes", default="")
+  parser.add_argument("--name", default=None,
+                      help="section name in docs/results.md and default root "
+                      "(default: the config's file name and variant)")
   parser.add_argument("--write", action="store_true")
   args = parser.parse_args()
-  name = os.path.basename(args.config).replace(".py", "").replace(":", "_")
+  name = args.name or os.path.basename(args.config).replace(".py", "").replace(
+      ":", "_")
   root = args.root or os.path.join("/tmp/r2d2_jax/results", name)
-  per_stage: dict[str, list[float]] = {}
+  # {stage: {weights: {figure: [error per seed]}}}
+  per_stage: dict[str, dict[str, dict[str, list[float]]]] = {}
   labels: dict[str, str] = {}
+  num_evals: dict[str, list[int]] = {}
+  num_val = set()
   t0 = time.time()
   for seed in args.seeds:
     config = load_config(args.config)
     for item in args.override:
       apply_override(config, item)
     config.seed = seed
-    results = train.train_and_evaluate(config, os.path.join(root, str(seed)))
-    if not all(isinstance(v, dict) for v in results.values()):
+    workdir = os.path.join(root, str(seed))
+    results = train.train_and_evaluate(config, workdir)
+    staged = all(isinstance(v, dict) for v in results.values())
+    if not staged:
       results = {"run": results}
     for stage, r in results.items():
       labels[stage] = row_label(config, stage)
-      err = 100.0 * (1.0 - r["accuracy/raw"])
-      per_stage.setdefault(stage, []).append(err)
-      print(f"seed {seed} {stage:10s} test error {err:.2f} %", flush=True)
+      cfg = train.stage_config(config, stage) if staged else config
+      num_val.add(int(cfg.data.get("num_val", 0) or 0))
+      history = analysis.eval_history(
+          os.path.join(workdir, stage) if staged else workdir)
+      num_evals.setdefault(stage, []).append(len(history))
+      entry = per_stage.setdefault(stage, {w: {f: [] for f in FIGURES}
+                                           for w in WEIGHTS})
+      for w in WEIGHTS:
+        for f, err in stage_errors(history, r, w).items():
+          entry[w][f].append(err)
+      shown = ", ".join(f"{f} {entry['raw'][f][-1]:.2f}" for f in FIGURES)
+      print(f"seed {seed} {stage:10s} raw test error %: {shown}", flush=True)
   minutes = (time.time() - t0) / 60
+  figure = headline(per_stage)
+  evals = ", ".join(f"{labels[s]} {min(n)}" + (f"-{max(n)}" if max(n) != min(n)
+                                                else "")
+                    for s, n in num_evals.items())
   lines = [f"## {args.title or name}", "",
            f"Command: `{shlex.join(['python', '-m', 'benchmarks.results', *sys.argv[1:]])}`",
            "", f"Measured: {report.environment()}; {len(args.seeds)} seeds "
            f"({', '.join(map(str, args.seeds))}); {minutes:.0f} minutes "
            "of wall time (runs already finished are read back, not timed).",
-           "", "| stage | test error % (mean ± std) | per seed |",
-           "| --- | ---: | --- |"]
-  for stage, errs in per_stage.items():
-    e = np.asarray(errs)
-    lines.append(f"| {labels[stage]} | {e.mean():.2f} ± "
-                 f"{e.std(ddof=1) if len(e) > 1 else 0.0:.2f} | "
-                 f"{', '.join(f'{x:.2f}' for x in e)} |")
+           "",
+           f"Test error %, mean ± std over the seeds (per seed in brackets). "
+           f"Headline: **raw weights, {figure}**"
+           + {"at best val": " (the test error at the evaluation with the "
+                             "best validation accuracy; ties: the latest)",
+              "median last 20": " (no validation set: data.num_val=0, so "
+                                "nothing is selected)",
+              "final": " (no validation set and fewer than 20 evaluations)"
+              }[figure]
+           + f". Validation set: data.num_val={'/'.join(map(str, sorted(num_val)))} "
+           "examples of the train split; the test split is only reported, "
+           f"never selected on. Evaluations per stage: {evals}.",
+           "", *table(per_stage, labels, figure)]
   if args.notes:
     lines += ["", args.notes]
   text = "\n".join(lines)

@@ -15,6 +15,12 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir=ml_collections.FieldReference(None, field_type=str),
       manual_dir=ml_collections.FieldReference(None, field_type=str),
       num_labels=50,          # class-balanced; -1 for every example
+      # Class-balanced validation examples carved from the train split (never
+      # from test), drawn before the labels and outside the labeled set and
+      # the unlabeled pool; results select on them. 0: no validation set (the
+      # papers' configs, whose unlabeled pools are the papers'), and the
+      # selected figures are n/a.
+      num_val=0,
       # Streamed datasets (imagenet2012) only:
       labeled_fraction=ml_collections.FieldReference(None, field_type=float),
       image_size=224,
@@ -30,10 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
       augment=dict(
           weak=dict(flip=ml_collections.FieldReference(None, field_type=bool),
                     translate=2),
-          strong=dict(num_ops=2, magnitude=10, cutout=4)),
+          # RandAugment policy: 'mpl' (MPL / UDA TF code), 'fixmatch' or
+          # 'legacy' (r2d2_jax/data/randaugment.py, docs/algorithms.md).
+          strong=dict(policy="mpl", num_ops=2, magnitude=10, cutout=4)),
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4,
+      decay_mask="all",       # 'all' | 'kernels' | 'no_bn' | 'no_bn_bias'
       grad_clip_norm=0.0,
       schedule=dict(name="cosine", warmup_steps=0, wait_steps=0,
                     decay_steps=0)))
@@ -53,12 +62,15 @@ def base_config() -> ml_collections.ConfigDict:
 def digits_setup(c: ml_collections.ConfigDict) -> None:
   """The digits experiments' network and data, shared by every method on them.
 
-  cnn_small on sklearn's digits with 50 labels (5 per class); 16 labeled + 48
-  unlabeled images per step; translations by 1 pixel as the weak view.
+  cnn_small on sklearn's digits with 50 labels (5 per class) and a validation
+  set of 200 (20 per class, 14 % of the 1437 train images; the test split is
+  the other 360); 16 labeled + 48 unlabeled images per step; translations by 1
+  pixel as the weak view.
   """
   c.model.name = "cnn_small"
   c.data.dataset = "digits"
   c.data.num_labels = 50
+  c.data.num_val = 200
   c.data.batch_size = 16      # mixed batch: 16 labeled + 48 unlabeled (25 %)
   c.data.uratio = 3
   c.data.eval_batch_size = 360
@@ -66,9 +78,10 @@ def digits_setup(c: ml_collections.ConfigDict) -> None:
 
 
 def mnist_data(c: ml_collections.ConfigDict, num_labels: int = 100) -> None:
-  """MNIST: 28x28x1, translate by 2, no flips."""
+  """MNIST: 28x28x1, translate by 2, no flips; 1000 validation images (100 per class)."""
   c.data.dataset = "mnist"
   c.data.num_labels = num_labels
+  c.data.num_val = 1000
   c.data.augment.weak.translate = 2
   c.data.augment.strong.cutout = 8
 
@@ -79,10 +92,14 @@ def r2d2_block(c: ml_collections.ConfigDict) -> None:
   label_lr = λ / n, the label step per unit of (α/n)-scaled gradient: the paper's
   λ = 4000 at a mixed batch of n = 512 is 7.8125, i.e. a per-visit step
   λα/n ≈ 0.78 on each unlabeled row, whatever the batch size.
+  finetune_labels = 'repredict': the finetune stage first repredicts the
+  unlabeled rows with the R2 network (eval mode), as DoctorKey/R2D2.pytorch's
+  `finetune_all_by_pseudo_label.py` does (`'prediction': True` in
+  `semi_4000_4_finetune.py`); 'table' trains on the table as R2 left it.
   """
   c.r2d2 = ml_collections.ConfigDict(dict(
       alpha=0.1, beta=0.03, label_lr=4000 / 512, label_grad="closed_form",
-      repredict_epochs=(0,)))
+      repredict_epochs=(0,), finetune_labels="repredict"))
 
 
 def r2d2_stages(c: ml_collections.ConfigDict, *, supervised: dict,
@@ -135,12 +152,16 @@ def runlocal_stages(c: ml_collections.ConfigDict, model: str = "cnn_small"
 
 
 def uda_block(weight: float, ramp_steps: int, temperature: float,
-              threshold: float, label_smoothing: float
-              ) -> ml_collections.ConfigDict:
-  """UDA's loss settings (ALGORITHMS.md §2 and §4), read by 'uda' and MPL's teacher."""
+              threshold: float, label_smoothing: float,
+              mask_on: str = "unsharpened") -> ml_collections.ConfigDict:
+  """UDA's loss settings (ALGORITHMS.md §2 and §4), read by 'uda' and MPL's teacher.
+
+  mask_on: the softmax the confidence mask thresholds, 'unsharpened' (the UDA
+  paper's code) or 'sharpened' by τ (the MPL code; the MPL configs pass it).
+  """
   return ml_collections.ConfigDict(dict(
       weight=weight, ramp_steps=ramp_steps, temperature=temperature,
-      threshold=threshold, label_smoothing=label_smoothing))
+      threshold=threshold, label_smoothing=label_smoothing, mask_on=mask_on))
 
 
 def mpl_stages(c: ml_collections.ConfigDict, *, teacher_lr: float,
@@ -150,9 +171,12 @@ def mpl_stages(c: ml_collections.ConfigDict, *, teacher_lr: float,
   """Meta Pseudo Labels then student finetuning on the labels, as two stages.
 
   The teacher's optimizer copies the student's (`c.optimizer`: momentum,
-  Nesterov, weight decay, clipping) with its own lr and warmup, and no wait;
-  the finetune stage uses the labeled data only, with weight decay 0 and a
-  constant lr.
+  Nesterov, weight decay and its mask, clipping) with its own lr and warmup, and
+  no wait; the finetune stage uses the labeled data only, with weight decay 0
+  and a constant lr. The MPL step subtracts the baseline after its update
+  (`baseline='updated'`, the official code's order); the finetune starts from
+  the EMA student with the model's dropout off (`finetune_from='ema'`,
+  kekmodel/MPL-pytorch's `finetune`), for models that have a `dropout_rate`.
   """
   teacher = c.optimizer.to_dict()
   teacher.update(lr=teacher_lr)
@@ -160,29 +184,46 @@ def mpl_stages(c: ml_collections.ConfigDict, *, teacher_lr: float,
                              warmup_steps=teacher_warmup_steps)
   c.mpl = ml_collections.ConfigDict(dict(
       mode="first_order", h="difference", sample_labels=False,
-      temperature=1.0, baseline_decay=0.01, teacher_optimizer=teacher))
+      temperature=1.0, baseline_decay=0.01, baseline="updated",
+      finetune_from="ema", teacher_optimizer=teacher))
   c.uda = uda
   c.stage_order = ("mpl", "finetune")
   c.run_stages = ""
+  finetune = dict(
+      method="mpl_finetune", total_steps=finetune_steps,
+      data=dict(batch_size=finetune_batch, uratio=0),
+      optimizer=dict(lr=finetune_lr, weight_decay=0.0,
+                     schedule=dict(name="constant", wait_steps=0,
+                                   warmup_steps=0)))
+  if _has_dropout(c.model.name):
+    finetune["model"] = dict(kwargs=dict(dropout_rate=0.0))
   c.stages = ml_collections.ConfigDict({
       "mpl": dict(method="mpl"),
-      "finetune": dict(
-          method="mpl_finetune", total_steps=finetune_steps,
-          data=dict(batch_size=finetune_batch, uratio=0),
-          optimizer=dict(lr=finetune_lr, weight_decay=0.0,
-                         schedule=dict(name="constant", wait_steps=0,
-                                       warmup_steps=0))),
+      "finetune": finetune,
   })
+
+
+def _has_dropout(model_name: str) -> bool:
+  """Whether the registered model has a `dropout_rate` attribute."""
+  from r2d2_jax import models  # pylint: disable=g-import-not-at-top
+  cls = models.MODELS.get(model_name)
+  cls = getattr(cls, "func", cls)  # functools.partial
+  return "dropout_rate" in getattr(cls, "__dataclass_fields__", {})
 
 
 def cifar10_4k_mpl_setup(c: ml_collections.ConfigDict) -> None:
   """MPL's CIFAR-10-4000 model and data (ALGORITHMS.md §2), shared with UDA.
 
-  WRN-28-2 with dense dropout 0.2; B = 128 labeled, μ = 7; weak view translate 4
-  + flip; strong view RandAugment(2 ops, magnitude 16) + cutout 16.
+  WRN-28-2 with dense dropout 0.2 and BatchNorm decay 0.99 (the MPL code's
+  `batch_norm_decay` flag default, `flag_utils.py`; flax momentum 0.99); B = 128
+  labeled, μ = 7; weak view translate 4 + flip; strong view RandAugment(2 ops,
+  magnitude 16) + cutout 16; weight decay on all but BatchNorm (`no_bn`, the MPL
+  code's `common_utils.add_weight_decay` / `get_l2_loss`).
   """
   c.model.name = "wrn28_2"
-  c.model.kwargs = ml_collections.ConfigDict(dict(dropout_rate=0.2))
+  c.model.kwargs = ml_collections.ConfigDict(dict(dropout_rate=0.2,
+                                                  bn_momentum=0.99))
+  c.optimizer.decay_mask = "no_bn"
   c.data.dataset = "cifar10"
   c.data.num_labels = 4000
   c.data.batch_size = 128
@@ -190,4 +231,8 @@ def cifar10_4k_mpl_setup(c: ml_collections.ConfigDict) -> None:
   c.data.eval_batch_size = 1000
   c.data.augment.weak.translate = 4
   c.data.augment.weak.flip = True
-  c.data.augment.strong.update(num_ops=2, magnitude=16, cutout=16)
+  # `_flip_and_jitter(x, 128)`: gray padding; the strong view is flipped and
+  # jittered again after RandAugment + cutout (`data_utils.cifar10_4000_uda`).
+  c.data.augment.weak.pad_mode = "constant"
+  c.data.augment.strong.update(policy="mpl", num_ops=2, magnitude=16,
+                               cutout=16, weak_after=True)

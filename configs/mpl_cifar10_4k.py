@@ -22,6 +22,17 @@ translate 4 + flip.
 Other teacher gradients: `--config.mpl.mode=exact` or `=official_compat`
 (the released code's behaviour, comparison only). Smoke variant (CIFAR-10 must
 be available to tfds): `--config configs/mpl_cifar10_4k.py:runlocal`.
+
+Reference details (google-research/google-research `meta_pseudo_labels`):
+weight decay on all but BatchNorm (`optimizer.decay_mask='no_bn'`, student and
+teacher: `common_utils.add_weight_decay` skips names with 'bn' / 'batch_norm',
+biases decay); the UDA mask thresholds the temperature-sharpened teacher softmax
+(`uda.mask_on='sharpened'`, `training_utils.UDA.build_uda_cross_entropy`); the
+baseline is subtracted after its update (`mpl.baseline='updated'`,
+`training_utils.MPL.step_fn`); the finetune starts from the EMA student without
+dropout (`mpl.finetune_from='ema'`, kekmodel/MPL-pytorch `main.py`).
+WRN BatchNorm decay 0.99 (the MPL code's `batch_norm_decay` default, flax
+`bn_momentum=0.99`), set by `common.cifar10_4k_mpl_setup`.
 """
 
 import ml_collections
@@ -48,7 +59,8 @@ def get_config(arg: str | None = None):
       c, teacher_lr=0.05, teacher_warmup_steps=5000,
       uda=common.uda_block(weight=8.0, ramp_steps=5000,
                            temperature=0.7, threshold=0.6,
-                           label_smoothing=0.15),
+                           label_smoothing=0.15,
+                           mask_on="sharpened"),
       finetune_steps=5000, finetune_batch=512,
       finetune_lr=3e-05)
   c.stages.finetune.optimizer.momentum = 0.9

@@ -13,6 +13,15 @@ Teacher gradient: `--config.mpl.mode=first_order` (default; the paper's),
 `exact` (`jax.grad` through the student's SGD step) or `official_compat`
 (the released code's behaviour, comparison only). Smoke variant:
 `--config configs/mpl_digits.py:runlocal`.
+
+Reference details (google-research/google-research `meta_pseudo_labels`):
+weight decay on all but BatchNorm (`optimizer.decay_mask='no_bn'`, student and
+teacher: `common_utils.add_weight_decay` skips names with 'bn' / 'batch_norm',
+biases decay); the UDA mask thresholds the temperature-sharpened teacher softmax
+(`uda.mask_on='sharpened'`, `training_utils.UDA.build_uda_cross_entropy`); the
+baseline is subtracted after its update (`mpl.baseline='updated'`,
+`training_utils.MPL.step_fn`); the finetune starts from the EMA student without
+dropout (`mpl.finetune_from='ema'`, kekmodel/MPL-pytorch `main.py`).
 """
 
 
@@ -23,25 +32,28 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.method = "mpl"
   common.digits_setup(c)
-  c.data.augment.strong.update(num_ops=2, magnitude=10, cutout=2)
+  c.data.augment.strong.update(policy="mpl", num_ops=2, magnitude=10,
+                               cutout=2)
   c.label_smoothing = 0.1
   c.optimizer.update(name="sgd", lr=0.05, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4)
+                     weight_decay=5e-4,
+                     decay_mask="no_bn")
   c.optimizer.schedule.update(name="cosine", wait_steps=100, warmup_steps=100,
                               decay_steps=0)
   c.ema_decay = 0.99
   c.total_steps = 3000
   c.log_every_steps = 100
-  c.eval_every_steps = 1000
+  c.eval_every_steps = 100    # 30 evaluations of the mpl stage
   c.checkpoint_every_steps = 1000
   common.mpl_stages(
       c, teacher_lr=0.05, teacher_warmup_steps=100,
       uda=common.uda_block(weight=2.0, ramp_steps=300,
                            temperature=0.7, threshold=0.6,
-                           label_smoothing=0.1),
+                           label_smoothing=0.1,
+                           mask_on="sharpened"),
       finetune_steps=200, finetune_batch=50,
       finetune_lr=0.001)
-  c.stages.finetune.eval_every_steps = 0
+  c.stages.finetune.eval_every_steps = 8  # 25 evaluations
   if arg == "runlocal":
     c.stages.mpl.total_steps = 6
     c.stages.finetune.total_steps = 4

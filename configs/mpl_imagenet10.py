@@ -18,8 +18,19 @@ Cloud TPU pod (every worker runs the same command; see launch/):
 
 Smoke variant (tiny model, a few steps; ImageNet must be prepared):
 `--config configs/mpl_imagenet10.py:runlocal`.
+
+Reference details (google-research/google-research `meta_pseudo_labels`):
+weight decay on all but BatchNorm (`optimizer.decay_mask='no_bn'`, student and
+teacher: `common_utils.add_weight_decay` skips names with 'bn' / 'batch_norm',
+biases decay); the UDA mask thresholds the temperature-sharpened teacher softmax
+(`uda.mask_on='sharpened'`, `training_utils.UDA.build_uda_cross_entropy`); the
+baseline is subtracted after its update (`mpl.baseline='updated'`,
+`training_utils.MPL.step_fn`); the finetune starts from the EMA student without
+dropout (`mpl.finetune_from='ema'`, kekmodel/MPL-pytorch `main.py`).
 """
 
+
+import ml_collections
 
 from configs import common
 
@@ -28,6 +39,8 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.method = "mpl"
   c.model.name = "resnet50"
+  # BatchNorm decay 0.99: the MPL code's `batch_norm_decay` flag default.
+  c.model.kwargs = ml_collections.ConfigDict(dict(bn_momentum=0.99))
   c.data.dataset = "imagenet2012"
   c.data.labeled_fraction = 0.1
   c.data.batch_size = 1024
@@ -35,11 +48,15 @@ def get_config(arg: str | None = None):
   c.data.eval_batch_size = 1024
   c.data.augment.weak.translate = 0  # random-resized crop in the pipeline
   c.data.augment.weak.flip = True
-  c.data.augment.strong.update(num_ops=2, magnitude=17, cutout=0)
+  # `augment.RandAugment(magnitude=17)` with its class defaults (pixels at
+  # 224 px): translate_const 100, cutout_const 40; no extra cutout.
+  c.data.augment.strong.update(policy="mpl", num_ops=2, magnitude=17,
+                               cutout=0, translate_const=100, cutout_const=40)
   c.label_smoothing = 0.1
   # The student's optimizer.
   c.optimizer.update(name="sgd", lr=0.4, momentum=0.9, nesterov=True,
-                     weight_decay=1e-4, grad_clip_norm=5.0)
+                     weight_decay=1e-4, grad_clip_norm=5.0,
+                     decay_mask="no_bn")
   c.optimizer.schedule.update(name="cosine", wait_steps=20_000,
                               warmup_steps=5000, decay_steps=0)
   c.ema_decay = 0.999
@@ -51,7 +68,8 @@ def get_config(arg: str | None = None):
       c, teacher_lr=0.6, teacher_warmup_steps=5000,
       uda=common.uda_block(weight=20.0, ramp_steps=50000,
                            temperature=0.5, threshold=0.6,
-                           label_smoothing=0.1),
+                           label_smoothing=0.1,
+                           mask_on="sharpened"),
       finetune_steps=10000, finetune_batch=1024,
       finetune_lr=3e-05)
   if arg == "runlocal":

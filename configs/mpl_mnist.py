@@ -14,6 +14,15 @@ Offline, from the four original MNIST files:
       --workdir /tmp/r2d2_jax/mpl_mnist
 
 Smoke variant: `--config configs/mpl_mnist.py:runlocal`.
+
+Reference details (google-research/google-research `meta_pseudo_labels`):
+weight decay on all but BatchNorm (`optimizer.decay_mask='no_bn'`, student and
+teacher: `common_utils.add_weight_decay` skips names with 'bn' / 'batch_norm',
+biases decay); the UDA mask thresholds the temperature-sharpened teacher softmax
+(`uda.mask_on='sharpened'`, `training_utils.UDA.build_uda_cross_entropy`); the
+baseline is subtracted after its update (`mpl.baseline='updated'`,
+`training_utils.MPL.step_fn`); the finetune starts from the EMA student without
+dropout (`mpl.finetune_from='ema'`, kekmodel/MPL-pytorch `main.py`).
 """
 
 
@@ -28,25 +37,28 @@ def get_config(arg: str | None = None):
   c.data.batch_size = 32
   c.data.uratio = 3
   c.data.eval_batch_size = 1000
-  c.data.augment.strong.update(num_ops=2, magnitude=10, cutout=8)
+  c.data.augment.strong.update(policy="mpl", num_ops=2, magnitude=10,
+                               cutout=8)
   c.label_smoothing = 0.1
   c.optimizer.update(name="sgd", lr=0.05, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4)
+                     weight_decay=5e-4,
+                     decay_mask="no_bn")
   c.optimizer.schedule.update(name="cosine", wait_steps=300, warmup_steps=300,
                               decay_steps=0)
   c.ema_decay = 0.995
   c.total_steps = 6000
   c.log_every_steps = 200
-  c.eval_every_steps = 2000
+  c.eval_every_steps = 250    # 24 evaluations of the mpl stage
   c.checkpoint_every_steps = 2000
   common.mpl_stages(
       c, teacher_lr=0.05, teacher_warmup_steps=300,
       uda=common.uda_block(weight=4.0, ramp_steps=1000,
                            temperature=0.7, threshold=0.6,
-                           label_smoothing=0.1),
+                           label_smoothing=0.1,
+                           mask_on="sharpened"),
       finetune_steps=500, finetune_batch=100,
       finetune_lr=0.001)
-  c.stages.finetune.eval_every_steps = 0
+  c.stages.finetune.eval_every_steps = 20  # 25 evaluations
   if arg == "runlocal":
     common.runlocal_stages(c, model="mlp_mnist")
     c.optimizer.schedule.update(wait_steps=1, warmup_steps=1)

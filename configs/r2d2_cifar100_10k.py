@@ -10,6 +10,14 @@ horizon is 350 × 250 steps.
       --workdir /mnt/shared/r2d2/r2d2_cifar100_10k
 
 Smoke variant: `--config configs/r2d2_cifar100_10k.py:runlocal`.
+
+ConvLarge keeps its defaults (element-wise dropout 0.5, BatchNorm momentum
+0.999 / epsilon 1e-3) and the weak view is configs/r2d2_cifar10_4k.py's: the
+reference,
+DoctorKey/R2D2.pytorch, releases only the CIFAR-10 Shake-Shake experiments
+(`src/architectures.py` has `cifar_shakeshake26` alone), so there is no
+reference ConvLarge setting to follow. Weight decay on every parameter and the
+repredicted finetune labels, as in configs/r2d2_cifar10_4k.py.
 """
 
 from configs import common

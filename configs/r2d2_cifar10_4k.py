@@ -19,6 +19,12 @@ Reported: 5.72 ± 0.06 % error.
 
 Smoke variant (CIFAR-10 must be available to tfds):
 `--config configs/r2d2_cifar10_4k.py:runlocal`.
+
+Weight decay on every parameter (`optimizer.decay_mask='all'`): the reference,
+DoctorKey/R2D2.pytorch, builds `torch.optim.SGD(model.parameters(), ...,
+weight_decay=...)` in every stage (`src/semi_supervised/*.py`). The finetune
+stage trains on labels repredicted by the R2 network (`r2d2.finetune_labels=
+'repredict'`, `finetune_all_by_pseudo_label.py`).
 """
 
 from configs import common
@@ -33,7 +39,8 @@ def get_config(arg: str | None = None):
   c.data.augment.weak.translate = 4
   c.data.augment.weak.flip = True
   c.optimizer.update(name="sgd", momentum=0.9, nesterov=True,
-                     weight_decay=2e-4)
+                     weight_decay=2e-4,
+                     decay_mask="all")
   c.ema_decay = 0.999
   c.log_every_steps = 200
   c.eval_every_steps = 5000

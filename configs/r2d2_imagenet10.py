@@ -16,6 +16,12 @@ Cloud TPU pod (every worker runs the same command; see launch/):
 
 Smoke variant (tiny model, a few steps; ImageNet must be prepared):
 `--config configs/r2d2_imagenet10.py:runlocal`.
+
+Weight decay on every parameter (`optimizer.decay_mask='all'`): the reference,
+DoctorKey/R2D2.pytorch, builds `torch.optim.SGD(model.parameters(), ...,
+weight_decay=...)` in every stage (`src/semi_supervised/*.py`). The finetune
+stage trains on labels repredicted by the R2 network (`r2d2.finetune_labels=
+'repredict'`, `finetune_all_by_pseudo_label.py`).
 """
 
 from configs import common
@@ -30,7 +36,8 @@ def get_config(arg: str | None = None):
   c.data.augment.weak.translate = 0   # random-resized crop in the input pipeline
   c.data.augment.weak.flip = True
   c.optimizer.update(name="sgd", momentum=0.9, nesterov=True,
-                     weight_decay=1e-4)
+                     weight_decay=1e-4,
+                     decay_mask="all")
   c.ema_decay = 0.0
   c.log_every_steps = 500
   c.eval_every_steps = 10_000

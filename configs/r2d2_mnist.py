@@ -17,6 +17,12 @@ Offline, from the four original MNIST files:
 
 Results for 3 seeds: `python -m benchmarks.mnist_results` (docs/results.md).
 Smoke variant: `--config configs/r2d2_mnist.py:runlocal`.
+
+Weight decay on every parameter (`optimizer.decay_mask='all'`): the reference,
+DoctorKey/R2D2.pytorch, builds `torch.optim.SGD(model.parameters(), ...,
+weight_decay=...)` in every stage (`src/semi_supervised/*.py`). The finetune
+stage trains on labels repredicted by the R2 network (`r2d2.finetune_labels=
+'repredict'`, `finetune_all_by_pseudo_label.py`).
 """
 
 from configs import common
@@ -29,7 +35,8 @@ def get_config(arg: str | None = None):
   c.data.augment.weak.translate = 0
   c.data.eval_batch_size = 1000
   c.optimizer.update(name="sgd", momentum=0.9, nesterov=True,
-                     weight_decay=2e-4)
+                     weight_decay=2e-4,
+                     decay_mask="all")
   c.ema_decay = 0.999
   c.log_every_steps = 500
   c.eval_every_steps = 0
@@ -37,18 +44,24 @@ def get_config(arg: str | None = None):
   d2_epochs, r2_epochs = 10.0, 16.0
   common.r2d2_stages(
       c,
-      supervised=dict(total_steps=2000, data=dict(batch_size=32, uratio=0),
+      # About 25 evaluations per stage (test 10000 + val 1000 images each),
+      # for the median of the last 20 and the best validation step.
+      supervised=dict(total_steps=2000, eval_every_steps=80,
+                      data=dict(batch_size=32, uratio=0),
                       optimizer=dict(lr=0.03, schedule=dict(name="cosine"))),
-      d2=dict(total_epochs=d2_epochs, data=dict(batch_size=32, uratio=3),
+      d2=dict(total_epochs=d2_epochs, eval_every_steps=250,
+              data=dict(batch_size=32, uratio=3),
               optimizer=dict(lr=0.03, schedule=dict(name="constant")),
               r2d2=dict(repredict_epochs=(0.0,))),
-      r2=dict(total_epochs=r2_epochs, data=dict(batch_size=32, uratio=3),
+      r2=dict(total_epochs=r2_epochs, eval_every_steps=400,
+              data=dict(batch_size=32, uratio=3),
               optimizer=dict(lr=0.03, schedule=dict(
                   name="piecewise", boundary_fractions=(0.25, 0.5, 0.75),
                   scales=(2 / 3, 1 / 2, 1 / 10))),
               r2d2=dict(repredict_epochs=tuple(
                   r2_epochs / 4 * k for k in range(4)))),
-      finetune=dict(total_epochs=3.0, data=dict(batch_size=32, uratio=4),
+      finetune=dict(total_epochs=3.0, eval_every_steps=60,
+                    data=dict(batch_size=32, uratio=4),
                     optimizer=dict(lr=0.01, schedule=dict(name="cosine"))))
   if arg == "translate":
     c.data.augment.weak.translate = 2

@@ -13,6 +13,10 @@ unlabeled) and the step count are scaled down to digits and are our choices.
 Meta-gradient: `--config.semimeta.mode=first_order` (default; one jvp) or
 `exact` (`jax.grad` through the inner SGD step). Smoke variant:
 `--config configs/semimeta_digits.py:runlocal`.
+
+Weight decay on every parameter (`optimizer.decay_mask='all'`): the reference,
+Sakura03/SemiMeta, builds `SGD(model.parameters(), ..., weight_decay=...)`
+(`train_meta.py`, `train_meta_imagenet.py`).
 """
 
 from configs import common
@@ -24,7 +28,8 @@ def get_config(arg: str | None = None):
   c.method = "semimeta"
   common.digits_setup(c)
   c.optimizer.update(name="sgd", lr=0.03, momentum=0.9, nesterov=False,
-                     weight_decay=2e-4)
+                     weight_decay=2e-4,
+                     decay_mask="all")
   c.optimizer.schedule.update(name="cosine", warmup_steps=200)
   c.ema_decay = 0.99
   c.total_steps = 2000
@@ -32,7 +37,7 @@ def get_config(arg: str | None = None):
   c.semimeta.update(mode="first_order", label_lr=1.0, mixup_alpha=1.0,
                     weight=1.0, ramp_steps=200, meta_bn="eval")
   c.log_every_steps = 100
-  c.eval_every_steps = 1000
+  c.eval_every_steps = 80     # 25 evaluations
   c.checkpoint_every_steps = 1000
   if arg == "runlocal":
     c.total_steps = 6

@@ -16,7 +16,13 @@ Cloud TPU pod (every worker runs the same command; see launch/):
 
 Smoke variant (tiny model, a few steps; ImageNet must be prepared):
 `--config configs/semimeta_imagenet10.py:runlocal`.
+
+Weight decay on every parameter (`optimizer.decay_mask='all'`): the reference,
+Sakura03/SemiMeta, builds `SGD(model.parameters(), ..., weight_decay=...)`
+(`train_meta.py`, `train_meta_imagenet.py`).
 """
+
+import ml_collections
 
 from configs import common
 from r2d2_jax.methods import semimeta
@@ -26,6 +32,9 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.method = "semimeta"
   c.model.name = "resnet18"
+  # torchvision's resnet18 BatchNorm: momentum 0.1 (flax 0.9), epsilon 1e-5,
+  # which are this ResNet's defaults.
+  c.model.kwargs = ml_collections.ConfigDict(dict(bn_momentum=0.9))
   c.data.dataset = "imagenet2012"
   c.data.labeled_fraction = 0.1
   c.data.batch_size = 512
@@ -34,7 +43,8 @@ def get_config(arg: str | None = None):
   c.data.augment.weak.translate = 0   # random-resized crop in the input pipeline
   c.data.augment.weak.flip = True
   c.optimizer.update(name="sgd", lr=0.1, momentum=0.9, nesterov=False,
-                     weight_decay=1e-4)
+                     weight_decay=1e-4,
+                     decay_mask="all")
   c.optimizer.schedule.update(name="cosine", warmup_steps=11_000)
   c.total_epochs = 600.0
   c.ema_decay = 0.0

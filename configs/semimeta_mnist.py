@@ -18,12 +18,22 @@ translations + train-mode 13.55 %; translations + eval-mode (this config)
 three were run by `python -m r2d2_jax.main --config configs/semimeta_mnist.py
 --config.semimeta.meta_bn=train|eval [--config.semimeta.label_lr=10] ...`.
 
+Chosen on test error: `meta_bn = 'eval'`, the augmentation and `label_lr = 1`
+were picked by the seed-0 test errors above, before this project had a
+validation split, so the test error of this config is not an unbiased
+estimate. Choosing them again on the validation set (`data.num_val`, 1000
+train images; `accuracy/val/*` in `eval_history.jsonl`) is the fix.
+
 Offline, from the four original MNIST files:
   python -m r2d2_jax.main --config configs/semimeta_mnist.py \
       --config.data.manual_dir=../shared/data/mnist \
       --workdir /tmp/r2d2_jax/semimeta_mnist
 
 Smoke variant: `--config configs/semimeta_mnist.py:runlocal`.
+
+Weight decay on every parameter (`optimizer.decay_mask='all'`): the reference,
+Sakura03/SemiMeta, builds `SGD(model.parameters(), ..., weight_decay=...)`
+(`train_meta.py`, `train_meta_imagenet.py`).
 """
 
 from configs import common
@@ -39,14 +49,15 @@ def get_config(arg: str | None = None):
   c.data.uratio = 1
   c.data.eval_batch_size = 1000
   c.optimizer.update(name="sgd", lr=0.05, momentum=0.9, nesterov=False,
-                     weight_decay=1e-4)
+                     weight_decay=1e-4,
+                     decay_mask="all")
   c.optimizer.schedule.update(name="cosine", warmup_steps=500)
   c.total_steps = 6000
   c.semimeta = semimeta.default_block()
   c.semimeta.update(mode="first_order", label_lr=1.0, mixup_alpha=1.0,
                     weight=1.0, ramp_steps=500, meta_bn="eval")
   c.log_every_steps = 200
-  c.eval_every_steps = 1000
+  c.eval_every_steps = 250    # 24 evaluations
   c.checkpoint_every_steps = 1000
   if arg == "runlocal":
     c.total_steps = 6

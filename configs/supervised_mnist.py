@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   c.optimizer.lr = 0.03
   c.total_steps = 3000
   c.log_every_steps = 200
-  c.eval_every_steps = 1000
+  c.eval_every_steps = 125    # 24 evaluations
   c.checkpoint_every_steps = 1000
   if arg == "runlocal":
     c.total_steps = 10

@@ -11,6 +11,17 @@ threshold 0.6; lr 0.05 (5000 warmup, cosine), Nesterov 0.9, wd 5e-4, EMA 0.995.
 
 Smoke variant (CIFAR-10 must be available to tfds):
 `--config configs/uda_cifar10_4k.py:runlocal`.
+
+The settings are those of the Meta Pseudo Labels repository's UDA baseline
+(google-research/google-research `meta_pseudo_labels/training_utils.py`, class
+`UDA`), whose README command gives τ = 0.7, threshold 0.6, weight 8: so are its
+details. The confidence mask reads the temperature-sharpened softmax
+(`uda.mask_on='sharpened'`: `build_uda_cross_entropy` thresholds
+`softmax(logits / uda_temp)`; the UDA paper's own code, google-research/uda
+`image/main.py`, thresholds the unsharpened softmax: `--config.uda.mask_on=
+unsharpened`). Weight decay on all but BatchNorm (`optimizer.decay_mask=
+'no_bn'`, `common_utils.get_l2_loss`) and WRN BatchNorm decay 0.99 (the
+`batch_norm_decay` flag default), both set by `common.cifar10_4k_mpl_setup`.
 """
 
 import ml_collections
@@ -32,7 +43,8 @@ def get_config(arg: str | None = None):
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
   c.uda = common.uda_block(weight=8.0, ramp_steps=5000, temperature=0.7,
-                           threshold=0.6, label_smoothing=0.15)
+                           threshold=0.6, label_smoothing=0.15,
+                           mask_on="sharpened")
   if arg == "runlocal":
     c.model.name = "cnn_small"
     c.model.kwargs = ml_collections.ConfigDict()

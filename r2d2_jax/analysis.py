@@ -1,11 +1,14 @@
 """Reading a finished run back: its networks, their features, its logged curves.
 
-For notebooks and result scripts: nothing here trains.
+For notebooks and result scripts: nothing here trains. The evaluation
+summaries (`final`, `median_last`, `at_best`) read a stage's
+`eval_history.jsonl` (one row per evaluation, see `metrics.EvalHistory`).
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 from typing import Any
 
@@ -15,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from r2d2_jax import checkpoint as ckpt_lib
+from r2d2_jax import metrics as metrics_lib
 from r2d2_jax import models
 from r2d2_jax import train
 from r2d2_jax.data import sources
@@ -84,3 +88,48 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     pts.sort()
     out[tag] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
   return out
+
+
+# ---------------------------------------------------------------------------
+# Evaluation summaries (the protocol of docs/algorithms.md, "Evaluation
+# protocol")
+
+
+def eval_history(stage_dir: str) -> list[dict[str, float]]:
+  """Every evaluation of a stage, in step order: [{'step', 'time', metric: value}]."""
+  return metrics_lib.read_history(
+      os.path.join(stage_dir, metrics_lib.EVAL_HISTORY))
+
+
+def final(history: list[dict[str, float]], key: str) -> float:
+  """`key` at the last evaluation (nan if there is none)."""
+  return float(history[-1][key]) if history and key in history[-1] else math.nan
+
+
+def median_last(history: list[dict[str, float]], key: str,
+                n: int = 20) -> float:
+  """Median of `key` over the last `n` evaluations (FixMatch's protocol).
+
+  nan if the history has fewer than `n` evaluations with `key`: the figure is
+  then not the protocol's.
+  """
+  values = [r[key] for r in history if key in r]
+  if len(values) < n:
+    return math.nan
+  return float(np.median(values[-n:]))
+
+
+def at_best(history: list[dict[str, float]], select: str, report: str) -> float:
+  """`report` at the evaluation where `select` is highest; ties go to the latest.
+
+  E.g. `at_best(h, 'accuracy/val/raw', 'accuracy/test/raw')`: the test
+  accuracy of the raw weights at their best validation step. A tie goes to the
+  latest evaluation, as an early-stopping rule that keeps a checkpoint when
+  the validation accuracy improves or equals (small validation sets tie
+  often). nan if no evaluation has `select` (no validation set).
+  """
+  rows = [r for r in history if select in r and report in r]
+  if not rows:
+    return math.nan
+  best = max(r[select] for r in rows)
+  return float([r for r in rows if r[select] == best][-1][report])

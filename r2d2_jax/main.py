@@ -83,14 +83,25 @@ def main(argv):
     print(summary(results))
 
 
+SUMMARY_COLUMNS = ("test/raw", "test/ema", "val/raw", "val/ema")
+
+
 def summary(results: dict) -> str:
-  """A table of test accuracy per stage (or for the single run)."""
+  """A table of the final top-1 accuracy per stage (or for the single run).
+
+  Columns: accuracy/test/raw, accuracy/test/ema, accuracy/val/raw,
+  accuracy/val/ema; '-' where a run has no such figure (no validation set:
+  data.num_val=0). Final values only: benchmarks/results.py gives the
+  figures chosen on the validation set.
+  """
   rows = results if results and all(
       isinstance(v, dict) for v in results.values()) else {"run": results}
-  lines = [f"{'stage':12s} {'accuracy/raw':>12s} {'accuracy/ema':>12s}"]
+  lines = [f"{'final top-1':12s} " +
+           " ".join(f"{c:>9s}" for c in SUMMARY_COLUMNS)]
   for name, r in rows.items():
-    lines.append(f"{name:12s} {r.get('accuracy/raw', float('nan')):12.4f} "
-                 f"{r.get('accuracy/ema', float('nan')):12.4f}")
+    cells = [r.get(f"accuracy/{c}") for c in SUMMARY_COLUMNS]
+    lines.append(f"{name:12s} " + " ".join(
+        f"{'-':>9s}" if v is None else f"{v:9.4f}" for v in cells))
   return "\n".join(lines)
 
 

@@ -1,14 +1,17 @@
-"""Metric writing (clu), progress reporting and the non-finite check.
+"""Metric writing (clu), the evaluation history, progress and the non-finite check.
 
-Only process 0 writes summaries (TensorBoard event files in the workdir) and
-progress (bar and console lines); other processes only log, and `main.py` sets
-their verbosity to WARNING. Train metrics are fetched to the host one
-step late, so the device queue never drains, and averaged over each log interval.
+Only process 0 writes summaries (TensorBoard event files in the workdir), the
+evaluation history (`eval_history.jsonl`) and progress (bar and console
+lines); other processes only log, and `main.py` sets their verbosity to
+WARNING. Train metrics are fetched to the host one step late, so the device
+queue never drains, and averaged over each log interval.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 from typing import Any, Mapping
@@ -18,7 +21,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from r2d2_jax.errors import NonFiniteError
+from r2d2_jax.errors import NonFiniteError, R2D2Error
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -107,3 +110,78 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+EVAL_HISTORY = "eval_history.jsonl"
+
+
+def read_history(path: str) -> list[dict[str, float]]:
+  """The rows of an evaluation history file, in order (none if it is missing).
+
+  A last line cut short by a kill mid-write is skipped; a bad line before the
+  last is an `R2D2Error` (the file was edited or damaged otherwise).
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = [line for line in f.read().split("\n") if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1:
+        raise R2D2Error(
+            f"{path}, line {i + 1}, is not JSON ({e}): the evaluation history "
+            "was damaged or edited. Move it away to start it afresh (the "
+            "run's checkpoints are not affected).") from e
+      # The last line: a write cut short by a kill; the run redoes it.
+  return rows
+
+
+class EvalHistory:
+  """Every evaluation's metrics, one JSON object a line, in the stage's workdir.
+
+  Each row is {'step': k, 'time': unix seconds, metric: value, ...}. A run
+  resumed from a checkpoint at step k redoes the steps after k, so `resume(k)`
+  first drops the rows with step > k (and a line cut short by a kill): the
+  file then equals that of an uninterrupted run, up to the times. Rows are
+  appended one whole line per write and flushed to disk; earlier lines are
+  never rewritten except by `resume`, which replaces the file atomically.
+  Only process 0 writes.
+
+  Args:
+    workdir: the stage's folder.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, EVAL_HISTORY)
+    self._chief = jax.process_index() == 0
+
+  def resume(self, step: int) -> None:
+    """Keeps only the rows of steps <= `step` (the step the run restarts from)."""
+    if not self._chief or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      text = f.read()
+    rows = read_history(self.path)
+    kept = [r for r in rows if r["step"] <= step]
+    body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    if body == text:
+      return
+    tmp = f"{self.path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(body)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+
+  def append(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self._chief:
+      return
+    row = {"step": int(step), "time": time.time(),
+           **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row, sort_keys=True) + "\n")
+      f.flush()
+      os.fsync(f.fileno())

@@ -12,20 +12,76 @@ longer than the run, as in R2-D2's "scheduled for 350 epochs"), 'fixmatch_cosine
 of `scales`; multipliers compound, as in optax).
 All take a linear `warmup_steps` and `wait_steps` of lr 0 before it (the MPL
 student waits 3000 steps).
+
+`decay_mask` chooses which parameters weight decay touches (docs/algorithms.md,
+"Optimizers, weight decay and models"):
+  'all'         every parameter (PyTorch's `SGD(model.parameters(), weight_decay)`:
+                the R2-D2 and SemiMeta references);
+  'kernels'     convolution and dense kernels only (FixMatch, Mean Teacher);
+  'no_bn'       all but normalisation layers' scale and bias (the MPL reference:
+                `common_utils.add_weight_decay` skips BatchNorm variables and
+                decays the classifier's bias; kekmodel's `no_decay = ['bn']`);
+  'no_bn_bias'  all but normalisation layers and every bias.
+A normalisation layer is recognised by structure, not by name: a module whose
+parameters include 'scale' (BatchNorm, LayerNorm, GroupNorm).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from r2d2_jax.errors import unknown_name
+from r2d2_jax.errors import R2D2Error, unknown_name
 
 SCHEDULES = ("constant", "cosine", "fixmatch_cosine", "piecewise")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+DECAY_MASKS = ("all", "kernels", "no_bn", "no_bn_bias")
+
+
+def decay_mask(name: str) -> Callable[[Any], Any]:
+  """The weight-decay mask `name` as a function params -> tree of bools.
+
+  Args:
+    name: one of `DECAY_MASKS`.
+
+  Returns:
+    A function mapping a params tree to a tree of the same structure whose
+    leaves say whether weight decay applies to that parameter.
+
+  Raises:
+    R2D2Error: for an unknown name; the message lists the valid ones.
+  """
+  if name not in DECAY_MASKS:
+    raise R2D2Error(
+        f"Unknown optimizer.decay_mask {name!r}. Valid decay masks: "
+        f"{', '.join(DECAY_MASKS)}.")
+
+  def keep(leaf_name: str, module: Any) -> bool:
+    is_norm = isinstance(module, Mapping) and "scale" in module
+    if name == "all":
+      return True
+    if name == "kernels":
+      return leaf_name == "kernel"
+    if name == "no_bn":
+      return not is_norm
+    return not is_norm and leaf_name != "bias"
+
+  def walk(node):
+    return [x for k in sorted(node) for x in
+            (walk(node[k]) if isinstance(node[k], Mapping) else [keep(k, node)])]
+
+  def mask(params):
+    if not isinstance(params, Mapping):
+      raise R2D2Error("decay_mask expects a params dict (module -> leaves).")
+    # Leaves in sorted-key order, as jax flattens dicts (and FrozenDicts).
+    return jax.tree.unflatten(jax.tree.structure(params), walk(params))
+
+  return mask
 
 
 def make_schedule(lr: float, config: ml_collections.ConfigDict | None,
@@ -83,30 +139,36 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
 
   Weight decay is coupled L2 (added to the gradient before momentum) for SGD, as
   in the reference implementations of every paper here, and decoupled for
-  'adamw'.
+  'adamw'. It applies to the parameters chosen by `config.decay_mask` (default
+  'all'; see `decay_mask`).
 
   Returns:
     (tx, schedule).
+
+  Raises:
+    R2D2Error: for an unknown optimizer, schedule or decay mask.
   """
   name = config.get("name", "sgd")
   schedule = make_schedule(config.lr, config.get("schedule"), total_steps)
   wd = config.get("weight_decay", 0.0) or 0.0
+  mask = decay_mask(config.get("decay_mask", "all") or "all")
   parts = []
   if config.get("grad_clip_norm", 0.0):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if name == "sgd":
     if wd:
-      parts.append(optax.add_decayed_weights(wd))
+      parts.append(optax.add_decayed_weights(wd, mask=mask))
     parts.append(optax.sgd(schedule, momentum=config.get("momentum", 0.9) or None,
                            nesterov=config.get("nesterov", False)))
   elif name == "adam":
     if wd:
-      parts.append(optax.add_decayed_weights(wd))
+      parts.append(optax.add_decayed_weights(wd, mask=mask))
     parts.append(optax.adam(schedule, b1=config.get("b1", 0.9),
                             b2=config.get("b2", 0.999)))
   elif name == "adamw":
     parts.append(optax.adamw(schedule, b1=config.get("b1", 0.9),
-                             b2=config.get("b2", 0.999), weight_decay=wd))
+                             b2=config.get("b2", 0.999), weight_decay=wd,
+                             mask=mask))
   else:
     raise unknown_name("optimizer", name, OPTIMIZERS)
   return optax.chain(*parts), schedule

@@ -52,7 +52,9 @@ def view_specs(views: dict[str, tuple[str, ...]],
   A view called 'weak', 'weak_1', ... is a weak view; 'strong', 'strong_1', ...
   strong; 'plain' is unaugmented. Their hyper-parameters come from
   `config.data.augment.{weak,strong}`; `flip` defaults to whether the dataset
-  allows flips.
+  allows flips. Each spec is checked here (an unknown RandAugment policy, op
+  or out-of-range magnitude raises, listing the valid ones), not at the first
+  traced step.
   """
   out = {}
   for stream, names in views.items():
@@ -71,6 +73,10 @@ def view_specs(views: dict[str, tuple[str, ...]],
       if spec.get("flip") is None:
         spec["flip"] = info.flip
       out[stream][name] = {"kind": kind, **spec}
+      try:
+        augment.view_fn(out[stream][name])
+      except (ValueError, TypeError) as e:
+        raise R2D2Error(f"config.data.augment, view {name!r}: {e}") from e
   return out
 
 
@@ -83,13 +89,19 @@ def normalize(images: jax.Array, info: sources.DatasetInfo) -> jax.Array:
 
 def prepare_batch(batch: PyTree, key: jax.Array, step: jax.Array,
                   specs: dict[str, dict[str, dict]],
-                  info: sources.DatasetInfo) -> PyTree:
-  """Augments and normalises each stream's views; keeps labels and indices."""
+                  info: sources.DatasetInfo,
+                  augment_state: PyTree | None = None) -> PyTree:
+  """Augments and normalises each stream's views; keeps labels and indices.
+
+  `augment_state` is the augmentation's own state, if any (e.g. CTAugment's
+  bin weights, kept in the train state), handed to every strong view's
+  policy; None for the current policies, which read none.
+  """
   out = {}
   for i, (stream, views) in enumerate(specs.items()):
     b = batch[stream]
     imgs = augment.make_views(jax.random.fold_in(key, i), step, b["image"],
-                              b["index"], views)
+                              b["index"], views, state=augment_state)
     out[stream] = {k: normalize(v, info) for k, v in imgs.items()}
     out[stream].update(label=b["label"], index=b["index"])
   return out
@@ -194,7 +206,9 @@ class Stage:
   """Everything built for one stage: mesh, data, model, compiled functions.
 
   Building it does no training; `run()` does. Tests and notebooks use the parts
-  (e.g. `stage.train_step`, `stage.evaluate`).
+  (e.g. `stage.train_step`, `stage.evaluate`). Every evaluation covers the
+  test split and, when `data.num_val` > 0, the validation split; its metrics
+  go to TensorBoard and to `eval_history.jsonl` in the workdir.
 
   Args:
     config: the stage's config.
@@ -263,16 +277,24 @@ class Stage:
         in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
 
+    top5 = info.num_classes > 5
+
     def eval_step(state, batch):
+      # Sums over the batch's real rows; `evaluate` divides by their count.
       x = normalize(batch["image"], info)
       mask = batch["mask"].astype(jnp.float32)
+      label = batch["label"]
       out = {"count": jnp.sum(mask)}
       for name, variables in method.eval_variables(state).items():
         logits = ctx.apply_eval(variables, x)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32)
         out[f"accuracy/{name}"] = jnp.sum(correct * mask)
-        out[f"losses/eval_xe_{name}"] = losses.cross_entropy(
-            logits, batch["label"], mask) * mask.shape[0]
+        if top5:
+          _, best = jax.lax.top_k(logits, 5)
+          hit = jnp.any(best == label[:, None], -1).astype(jnp.float32)
+          out[f"top5/{name}"] = jnp.sum(hit * mask)
+        out[f"losses/eval_xe/{name}"] = losses.cross_entropy(
+            logits, label, mask) * mask.shape[0]
       return out
 
     self._eval_step = jax.jit(eval_step, out_shardings=repl)
@@ -284,14 +306,40 @@ class Stage:
     return self._init(self._init_key)
 
   def evaluate(self, state: PyTree, split: str = "test") -> dict[str, float]:
-    """Accuracy and CE of raw and EMA weights over the whole split, exactly once."""
+    """Top-1, top-5 and CE of each evaluated network over a whole split, once.
+
+    Args:
+      state: the train state.
+      split: 'test', 'val' (the validation rows of the train split) or 'train'.
+
+    Returns:
+      {'accuracy/SPLIT/NAME', 'top5/SPLIT/NAME' (more than 5 classes only),
+      'losses/eval_xe/SPLIT/NAME'} for each NAME of the method's
+      `eval_variables` (raw, ema; MPL's teacher).
+    """
     sums: dict[str, float] = {}
     for batch in self.pipeline.eval_batches(
         split, self.config.data.get("eval_batch_size", 500)):
       for k, v in jax.device_get(self._eval_step(state, batch)).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     count = sums.pop("count")
-    return {k: v / count for k, v in sums.items()}
+    out = {}
+    for k, v in sums.items():
+      metric, name = k.rsplit("/", 1)
+      out[f"{metric}/{split}/{name}"] = v / count
+    return out
+
+  @property
+  def eval_splits(self) -> tuple[str, ...]:
+    """What each evaluation covers: 'test', and 'val' when data.num_val > 0."""
+    return tuple(getattr(self.pipeline, "eval_splits", ("test",)))
+
+  def evaluate_all(self, state: PyTree) -> dict[str, float]:
+    """`evaluate` on every split of `eval_splits`, in one dict."""
+    out = {}
+    for split in self.eval_splits:
+      out.update(self.evaluate(state, split))
+    return out
 
   # -- the loop -------------------------------------------------------------
 
@@ -341,7 +389,7 @@ class Stage:
         logging.info("%s already complete at step %d.", stage_name or "Run",
                      start)
         ckpt.close()
-        return meta.get("final_metrics") or self.evaluate(state)
+        return meta.get("final_metrics") or self.evaluate_all(state)
       logging.info("Resuming %s from step %d.", stage_name or "run", start)
     else:
       start = 0
@@ -353,6 +401,9 @@ class Stage:
             self.state_shardings)
         logging.info("Initialised %s from %s.", stage_name or "run", init_from)
 
+    # The steps after `start` are redone: their old evaluations go.
+    history = metrics_lib.EvalHistory(self.workdir)
+    history.resume(start)
     writer = metrics_lib.create_writer(self.workdir)
     if start == 0:
       writer.write_hparams(_flat_hparams(config))
@@ -404,7 +455,8 @@ class Stage:
           progress.log_line(step, scalars)
         if step % eval_every == 0 or step == total:
           flush()
-          final = self.evaluate(state)
+          final = self.evaluate_all(state)
+          history.append(step, final)
           writer.write_scalars(step, final)
           progress.log_line(step, final)
         if step % ckpt_every == 0 or step == total:

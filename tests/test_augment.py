@@ -14,7 +14,8 @@ import pytest
 
 from r2d2_jax.data import augment as aug
 
-# Magnitude 20 > max_magnitude 10 (MPL-style extrapolation) exercises clipping.
+# The default policy ('mpl') at magnitude 20: its level scale extrapolates
+# beyond _MAX_LEVEL = 10.
 VIEWS = {
     "weak": dict(kind="weak", flip=True, translate=4),
     "strong": dict(kind="strong", flip=True, translate=4, num_ops=2,
@@ -325,49 +326,29 @@ def test_ops_match_pil():
     assert diff.max() <= 1, (name, diff.max())
 
 
-def test_fused_layer_matches_each_op():
-  """The switch with merged geometric branch == `apply_op` for every op."""
-  ops = aug.ALL_OPS
-  idx = np.repeat(np.arange(len(ops) + 1), 2)  # len(ops) is "no op"
-  sign = np.tile(np.float32([1.0, -1.0]), len(ops) + 1)
-
-  def fused_and_each(img):
-    fused = jax.vmap(functools.partial(
-        aug._rand_augment_layer, img, ops=ops, m=1.3, translate_frac=0.3,
-        fill=aug.GRAY))(idx, sign)
-    each = jax.vmap(lambda s: jnp.stack(
-        [aug.apply_op(img, op, 1.3, s) for op in ops] + [img]))(
-            np.float32([1.0, -1.0]))
-    return fused, each
-
-  for shape in [(12, 10, 3), (9, 9, 1)]:
-    fused, each = _run(fused_and_each, _image(shape, seed=4).astype(np.float32))
-    for i, s, out in zip(idx, sign, fused):
-      np.testing.assert_array_equal(out, each[int(s < 0), i],
-                                    err_msg=f"{i} {shape} {s}")
-
-
-def test_magnitude_convention():
+def test_legacy_magnitude_convention():
   img = _image((8, 8, 3))
   f = img.astype(np.float32)
   key = jax.random.key(0)
   zero_ops = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY",
               "Solarize", "Posterize", "Color", "Contrast", "Brightness",
               "Sharpness")
+  legacy = lambda x, name, m, sign=1.0: aug.apply_op(x, name, aug.POLICIES[
+      "legacy"].value(name, m * 10, sign, 8, 8, max_magnitude=10.0,
+                      translate_frac=0.3, apply_prob=1.0))
+  ra = functools.partial(aug.rand_augment, policy="legacy")
   out = _run(lambda x: dict(
-      zero=[aug.apply_op(x, name, 0.0, -1.0) for name in zero_ops],
-      solarize=aug.apply_op(x, "Solarize", 1.0),
-      posterize=aug.apply_op(x, "Posterize", 1.0),
-      tx=aug.apply_op(x, "TranslateX", 1.25, -1.0),
+      zero=[legacy(x, name, 0.0, -1.0) for name in zero_ops],
+      solarize=legacy(x, "Solarize", 1.0),
+      posterize=legacy(x, "Posterize", 1.0),
+      tx=legacy(x, "TranslateX", 1.25, -1.0),
       tx_ref=aug.translate_x(x, -3.0),
-      ra_none=aug.rand_augment(key, x, num_ops=0, magnitude=10),
-      ra_id=aug.rand_augment(key, x, num_ops=3, magnitude=10,
-                             ops=("Identity",)),
-      ra_skip=aug.rand_augment(key, x, num_ops=2, magnitude=10,
-                               ops=("Brightness",), apply_prob=0.0),
-      ra_10=aug.rand_augment(key, x, num_ops=2, magnitude=5),
-      ra_30=aug.rand_augment(key, x, num_ops=2, magnitude=15,
-                             max_magnitude=30)), img)
+      ra_none=ra(key, x, num_ops=0, magnitude=10),
+      ra_id=ra(key, x, num_ops=3, magnitude=10, ops=("Identity",)),
+      ra_skip=ra(key, x, num_ops=2, magnitude=10, ops=("Brightness",),
+                 apply_prob=0.0),
+      ra_10=ra(key, x, num_ops=2, magnitude=5),
+      ra_30=ra(key, x, num_ops=2, magnitude=15, max_magnitude=30)), img)
   # Magnitude 0: every op with a magnitude is the identity.
   for name, o in zip(zero_ops, out["zero"]):
     np.testing.assert_array_equal(o, f, err_msg=name)

@@ -33,7 +33,7 @@ def test_cli_digits_quickstart_runlocal(tmp_path):
             "--config.stages.supervised.total_steps=6",
             "--config.optimizer.lr=0.05"])
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "Final results" in r.stdout and "accuracy/raw" in r.stdout
+  assert "Final results" in r.stdout and "accuracy/test/raw" in r.stdout
   assert r.stdout.strip().splitlines()[-1].startswith("supervised ")
   stage = os.path.join(wd, "supervised")
   assert os.path.exists(os.path.join(stage, "split.json"))
@@ -45,7 +45,10 @@ def test_cli_mnist_on_mock_data(tmp_path):
   r = _run(["--config", "configs/supervised_mnist.py:runlocal",
             "--workdir", str(tmp_path / "wd"), "--config.data.num_labels=20",
             "--config.data.batch_size=8", "--config.data.eval_batch_size=20",
-            "--config.total_steps=4"], mock_tfds=True)
+            # 60 mock images with random labels: too few for MNIST's 1000
+            # validation images.
+            "--config.data.num_val=0", "--config.total_steps=4"],
+           mock_tfds=True)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Final results" in r.stdout
 
@@ -60,3 +63,15 @@ def test_cli_bad_input_is_one_paragraph(tmp_path, override, message):
   assert r.returncode == 1
   assert message in r.stderr
   assert "Traceback" not in r.stderr
+
+
+def test_cli_too_large_num_val_names_the_largest(tmp_path):
+  r = _run(["--config", "configs/digits_quickstart.py:runlocal",
+            "--workdir", str(tmp_path / "wd"), "--config.run_stages=supervised",
+            "--config.data.num_val=1500"])
+  assert r.returncode == 1
+  # The smallest digits class has 141 train images, 5 of them labeled.
+  assert "The largest possible data.num_val here is 1360" in r.stderr
+  assert "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "data.num_val=1500" in errors[0]

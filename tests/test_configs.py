@@ -99,3 +99,20 @@ def test_quickstart_stages_are_the_standalone_configs(arg):
   # One seed for every method.
   q.seed = 3
   assert all(train.stage_config(q, s).seed == 3 for s in q.stage_order)
+
+
+# Each paper config's strong view uses its paper's RandAugment policy
+# (r2d2_jax/data/randaugment.py): MPL's and UDA's configs the MPL / UDA TF
+# code's, FixMatch's FixMatch's.
+PAPER_POLICY = {"mpl_": "mpl", "uda_": "mpl", "fixmatch_": "fixmatch"}
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS
+                                  if n.startswith(tuple(PAPER_POLICY))])
+def test_paper_configs_use_their_papers_augmentation_policy(name):
+  policy = next(v for k, v in PAPER_POLICY.items() if name.startswith(k))
+  c = _module(name).get_config()
+  configs = ([train.stage_config(c, s) for s in train.selected_stages(c)]
+             if c.get("stages") else [c])
+  for sc in configs:
+    assert sc.data.augment.strong.policy == policy, name

@@ -266,7 +266,8 @@ def test_mpl_step_four_devices_equal_one(tmp_path, registered, mode, h):
   # With lr 0 the student does not move, so h is exactly zero on step 1.
   assert float(metrics[0]["mpl/dot_product"]) == 0.0
   evals = stage.evaluate(state)
-  assert {"accuracy/raw", "accuracy/ema", "accuracy/teacher"} <= set(evals)
+  assert {"accuracy/test/raw", "accuracy/test/ema",
+          "accuracy/test/teacher"} <= set(evals)
 
 
 def test_mpl_dot_product_and_official_compat_steps_run(tmp_path, registered):
@@ -303,8 +304,8 @@ def test_mpl_then_finetune_stages(tmp_path, registered):
   })
   results = train.train_and_evaluate(c, str(tmp_path / "run"))
   assert set(results) == {"mpl", "finetune"}
-  assert "accuracy/teacher" in results["mpl"]
-  assert "accuracy/ema" in results["finetune"]
+  assert "accuracy/test/teacher" in results["mpl"]
+  assert "accuracy/test/ema" in results["finetune"]
 
 
 def test_mpl_configs_match_the_paper():
@@ -366,17 +367,22 @@ class TinyBNNet(nn.Module):
     return nn.Dense(self.num_classes, **f64)(jnp.tanh(x))
 
 
-@pytest.mark.parametrize("mode", ["exact", "first_order"])
-def test_train_step_teacher_gradient_is_the_documented_one(mode):
+@pytest.mark.parametrize("mode,baseline", [("exact", "updated"),
+                                           ("first_order", "updated"),
+                                           ("first_order", "previous")])
+def test_train_step_teacher_gradient_is_the_documented_one(mode, baseline):
   """The real step's teacher update, unpicked, equals the formula rebuilt here.
 
   Both networks use plain SGD at a constant lr, so the teacher's gradient is
   (θT − θT_new) / ηT; it must equal ∇θT [UDA + L_l(θS'(θT))] ('exact') or
-  ∇θT [UDA + (h − b)·CE(ŷ, T(x_u))] with h = CE_old − CE_new ('first_order').
+  ∇θT [UDA + (h − b)·CE(ŷ, T(x_u))] with h = CE_old − CE_new ('first_order'),
+  b the baseline after this step's update b0 − 0.01 (b0 − h) ('updated', the
+  official order) or before it, b0 ('previous'). b0 ≠ 0 so the two differ.
   """
   with jax.enable_x64(True):
     lr_s, lr_t = 0.25, 0.5
     cfg = mpl_config(mode)
+    cfg.mpl.baseline = baseline
     cfg.mpl.teacher_optimizer = dict(name="sgd", lr=lr_t, momentum=0.0,
                                      weight_decay=0.0,
                                      schedule=dict(name="constant"))
@@ -387,7 +393,9 @@ def test_train_step_teacher_gradient_is_the_documented_one(mode):
         config=cfg, model=model, tx=optax.sgd(lr_s),
         schedule=lambda step: jnp.float64(lr_s), num_classes=3, num_train=0,
         image_shape=(4,), total_steps=10, steps_per_epoch=1)
-    state = mpl.init_state(jax.random.key(0), ctx)
+    b0 = 0.3
+    state = mpl.init_state(jax.random.key(0), ctx).replace(
+        baseline=jnp.asarray(b0, jnp.float64))
     rng = np.random.default_rng(0)
     x = lambda n: jnp.asarray(rng.normal(size=(n, 4)))
     y = lambda n: jnp.asarray(rng.integers(0, 3, n), jnp.int32)
@@ -431,10 +439,13 @@ def test_train_step_teacher_gradient_is_the_documented_one(mode):
                                  rtol=1e-8)
       chex.assert_trees_all_close(new.student.params, sp_new, rtol=1e-10,
                                   atol=1e-14)
+      b_new = b0 - 0.01 * (b0 - float(h))
+      np.testing.assert_allclose(float(new.baseline), b_new, rtol=1e-10)
+      coef = h - (b_new if baseline == "updated" else b0)
 
       def objective(tp):
         total, ts = uda_part(tp)
-        return total + h * losses.soft_cross_entropy(ts, targets)
+        return total + coef * losses.soft_cross_entropy(ts, targets)
     expected = jax.grad(objective)(state.teacher.params)
     chex.assert_trees_all_close(g_step, expected, rtol=1e-6, atol=1e-9)
 

@@ -84,7 +84,7 @@ def test_rerun_of_finished_run_returns_results(tmp_path):
   c = helpers.tiny_config()
   first = train.train_and_evaluate(c, str(tmp_path))
   again = train.train_and_evaluate(c, str(tmp_path))
-  assert first == again and 0.0 <= first["accuracy/raw"] <= 1.0
+  assert first == again and 0.0 <= first["accuracy/test/raw"] <= 1.0
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):

@@ -38,7 +38,12 @@ How it differs from the in-memory pipeline:
 
 Config keys (the `data` block): dataset, data_dir, manual_dir, num_labels or
 labeled_fraction (e.g. 0.1: round(0.1 * n_c) labels of each class c, at least 1;
-takes precedence over num_labels), split_seed, unlabeled ('rest' / 'all'),
+takes precedence over num_labels), num_val (a class-balanced validation set
+carved from the train split by the label cache's rows, drawn before the labels
+and outside both streams; its eval reads the train split's records and keeps
+those rows, so on real ImageNet each validation eval reads the whole train
+split (~140 GB) and decodes only the kept rows: evaluate rarely),
+split_seed, unlabeled ('rest' / 'all'),
 batch_size, uratio, eval_batch_size, and optionally image_size (224),
 shuffle_buffer (10_000 encoded images per stream) and label_cache (a path).
 
@@ -138,11 +143,15 @@ def tfds_id_to_index(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
 
 
 def fraction_split(labels: np.ndarray, num_classes: int, fraction: float,
-                   seed: int, unlabeled: str = "rest") -> splits_lib.Split:
+                   seed: int, unlabeled: str = "rest",
+                   num_val: int = 0) -> splits_lib.Split:
   """A class-balanced labeled subset holding `fraction` of each class.
 
   Class c with n_c > 0 examples gets max(1, floor(fraction * n_c + 0.5))
-  labels, chosen by `seed` (as in ImageNet-10%).
+  labels, chosen by `seed` (as in ImageNet-10%); n_c counts the whole class,
+  so the labeled count does not change with `num_val`. The validation set
+  (`num_val / num_classes` per class, `splits.draw_val`) is drawn first and
+  the labels from the rest of each class; both 'rest' and 'all' exclude it.
   """
   if unlabeled not in ("rest", "all"):
     raise R2D2Error(f"data.unlabeled={unlabeled!r}: use 'rest' or 'all'.")
@@ -150,18 +159,24 @@ def fraction_split(labels: np.ndarray, num_classes: int, fraction: float,
     raise R2D2Error(f"data.labeled_fraction={fraction} must be in (0, 1].")
   if seed is None:
     raise ValueError("fraction_split needs an integer seed")
+  counts = np.bincount(labels, minlength=num_classes)
+  wanted = np.where(counts > 0,
+                    np.maximum(1, np.floor(fraction * counts + 0.5)), 0)
+  val = splits_lib.draw_val(labels, num_classes, num_val, seed,
+                            wanted.astype(np.int64),
+                            f"data.labeled_fraction={fraction}")
+  in_val = np.zeros(len(labels), bool)
+  in_val[val] = True
   rng = np.random.default_rng(seed)
   chosen = []
   for c in range(num_classes):
-    members = np.flatnonzero(labels == c)
-    if len(members):
-      k = max(1, int(np.floor(fraction * len(members) + 0.5)))
-      chosen.append(rng.choice(members, k, replace=False))
+    members = np.flatnonzero((labels == c) & ~in_val)
+    if counts[c]:
+      chosen.append(rng.choice(members, int(wanted[c]), replace=False))
   labeled = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
-  n = len(labels)
-  rest = np.arange(n) if unlabeled == "all" else np.setdiff1d(np.arange(n),
-                                                              labeled)
-  return splits_lib.Split(labeled.astype(np.int64), rest.astype(np.int64))
+  keep = np.flatnonzero(~in_val)
+  rest = keep if unlabeled == "all" else np.setdiff1d(keep, labeled)
+  return splits_lib.Split(labeled.astype(np.int64), rest.astype(np.int64), val)
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -389,25 +404,27 @@ class StreamingPipeline:
         os.path.join(workdir, LABEL_CACHE) if workdir else None)
     self._train_labels = self._labels(cache)
 
-    # The labeled / unlabeled split.
+    # The labeled / unlabeled / validation split.
     split_seed = config.get("split_seed")
     split_seed = seed if split_seed is None else split_seed
     unlabeled = config.get("unlabeled", "rest")
+    num_val = int(config.get("num_val", 0) or 0)
     fraction = config.get("labeled_fraction")
     if fraction:
       self.split = fraction_split(self._train_labels, base.num_classes,
-                                  float(fraction), split_seed, unlabeled)
+                                  float(fraction), split_seed, unlabeled,
+                                  num_val)
       meta = dict(labeled_fraction=float(fraction))
     else:
       self.split = splits_lib.make_split(self._train_labels, base.num_classes,
                                          config.num_labels, split_seed,
-                                         unlabeled)
+                                         unlabeled, num_val)
       meta = dict(num_labels=config.num_labels)
     if workdir is not None:
       splits_lib.save_or_check(
           self.split, os.path.join(workdir, "split.json"),
           dict(dataset=config.dataset, seed=split_seed, unlabeled=unlabeled,
-               **meta))
+               num_val=num_val, **meta))
 
     self.batch_size, self.unlabeled_batch_size = pipeline_lib.batch_sizes(
         config, mesh)
@@ -546,23 +563,46 @@ class StreamingPipeline:
 
   # -- evaluation ------------------------------------------------------------
 
+  @property
+  def eval_splits(self) -> tuple[str, ...]:
+    """The splits evaluated during training: 'test', and 'val' if there is one."""
+    return ("test", "val") if len(self.split.val) else ("test",)
+
   def eval_host_batches(self, split: str, local_batch: int, process_index: int,
                         process_count: int) -> tf.data.Dataset:
     """One process's padded, centre-cropped batches of a whole split.
 
+    'val' reads this process's share of the train split and keeps the
+    validation rows (so, like the labeled stream, it reads the whole share).
     Every process gets the same number of batches (from the largest share);
     padded rows have mask False, index 0 and label 0.
     """
-    if split not in _SPLIT_NAMES:
+    if split not in (*_SPLIT_NAMES, "val"):
       raise R2D2Error(f"Unknown eval split {split!r}: use 'test' (ImageNet's "
-                      "validation set) or 'train'.")
-    name = _SPLIT_NAMES[split]
+                      "validation set), 'val' (data.num_val rows carved from "
+                      "the train split) or 'train'.")
+    if split == "val" and not len(self.split.val):
+      raise R2D2Error("There is no validation set to evaluate: "
+                      "data.num_val is 0.")
+    name = _SPLIT_NAMES.get(split, "train")
     n, lengths = _split_info(self.builder, name)
     start, stop = process_share(n, process_index, process_count)
-    largest = process_share(n, 0, process_count)
-    num_batches = -(-(largest[1] - largest[0]) // local_batch)
     size = self.image_size
     offsets = tf.constant(shard_offsets(lengths), tf.int64)
+    if split == "val":
+      val = self.split.val
+      # Rows of each process's share that are validation rows.
+      shares = [process_share(n, p, process_count)
+                for p in range(process_count)]
+      kept = [int(np.sum((val >= a) & (val < b))) for a, b in shares]
+      mine, most = kept[process_index], max(kept)
+      in_val = np.zeros(n, bool)
+      in_val[val] = True
+      table = tf.constant(in_val)
+    else:
+      largest = process_share(n, 0, process_count)
+      mine, most = stop - start, largest[1] - largest[0]
+    num_batches = -(-most // local_batch)
 
     def prep(ex):
       return {"image": eval_crop(ex["image"], size),
@@ -575,9 +615,12 @@ class StreamingPipeline:
            "label": tf.constant(0, tf.int32), "index": tf.constant(0, tf.int32),
            "mask": tf.constant(False)}
     padding = tf.data.Dataset.from_tensors(pad).repeat(
-        num_batches * local_batch - (stop - start))
-    if stop > start:
+        num_batches * local_batch - mine)
+    if mine:
       ds = _read(self.builder, _slice(name, start, stop))
+      if split == "val":
+        ds = ds.filter(lambda ex: tf.gather(
+            table, tfds_id_to_index(ex["tfds_id"], offsets)))
       ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
       ds = ds.concatenate(padding)
     else:
@@ -588,8 +631,10 @@ class StreamingPipeline:
     """The whole split exactly once, padded to full batches, with a mask.
 
     Args:
-      split: 'test' (ImageNet's validation set) or 'train' (the whole train
-        split, centre-cropped, e.g. to predict a per-example table).
+      split: 'test' (ImageNet's validation set), 'val' (the `data.num_val`
+        validation rows carved from the train split, centre-cropped) or
+        'train' (the whole train split, centre-cropped, e.g. to predict a
+        per-example table).
       batch_size: global batch size (divisible by the device count).
 
     Yields:

@@ -57,14 +57,16 @@ class InMemoryPipeline:
                                      self.test.labels[:config.test_limit])
     split_seed = config.get("split_seed")
     split_seed = seed if split_seed is None else split_seed
+    num_val = int(config.get("num_val", 0) or 0)
     self.split = splits_lib.make_split(
         self.train.labels, self.info.num_classes, config.num_labels,
-        split_seed, config.get("unlabeled", "rest"))
+        split_seed, config.get("unlabeled", "rest"), num_val)
     if workdir is not None:
       splits_lib.save_or_check(
           self.split, os.path.join(workdir, "split.json"),
           dict(dataset=config.dataset, num_labels=config.num_labels,
-               seed=split_seed, unlabeled=config.get("unlabeled", "rest")))
+               seed=split_seed, unlabeled=config.get("unlabeled", "rest"),
+               num_val=num_val))
     self.batch_size, self.unlabeled_batch_size = batch_sizes(config, mesh)
     # Two independent streams; the seeds differ so their orders are unrelated.
     self._samplers = {"labeled": (self.split.labeled, sampler_lib.StepSampler(
@@ -122,26 +124,43 @@ class InMemoryPipeline:
     return _prefetch((self.host_batch(k, streams) for k in _count(start_step)),
                      prefetch, lambda b: sharding.to_global(b, self.mesh))
 
+  @property
+  def eval_splits(self) -> tuple[str, ...]:
+    """The splits evaluated during training: 'test', and 'val' if there is one."""
+    return ("test", "val") if len(self.split.val) else ("test",)
+
   def eval_batches(self, split: str, batch_size: int) -> Iterator[Any]:
     """The whole split exactly once, padded to full batches, with a mask.
 
     Args:
-      split: 'test' or 'train' (the whole train split, e.g. to predict a
-        per-example table).
+      split: 'test', 'val' (the validation rows of the train split) or
+        'train' (the whole train split, e.g. to predict a per-example table).
       batch_size: global batch size (divisible by the device count).
 
     Yields:
       Global {'image', 'label', 'index', 'mask'} batches; padded rows have
-      mask 0.
+      mask 0. `index` is the row in the test split for 'test', in the train
+      split for 'val' and 'train'.
     """
     sharding.check_batch_size("data.eval_batch_size", batch_size, self.mesh)
-    data = {"test": self.test, "train": self.train}[split]
-    n = len(data)
+    if split == "test":
+      data, rows_of = self.test, np.arange(len(self.test))
+    elif split == "train":
+      data, rows_of = self.train, np.arange(len(self.train))
+    elif split == "val":
+      if not len(self.split.val):
+        raise R2D2Error("There is no validation set to evaluate: "
+                        "data.num_val is 0.")
+      data, rows_of = self.train, self.split.val
+    else:
+      raise R2D2Error(f"Unknown eval split {split!r}: use 'test', 'val' or "
+                      "'train'.")
+    n = len(rows_of)
     rows = sharding.process_slice(batch_size, self.mesh)
     for start in range(0, n, batch_size):
-      idx = np.arange(start, start + batch_size)[rows]
-      mask = idx < n
-      idx = np.where(mask, idx, 0)
+      pos = np.arange(start, start + batch_size)[rows]
+      mask = pos < n
+      idx = rows_of[np.where(mask, pos, 0)]
       yield sharding.to_global(
           {"image": data.images[idx], "label": data.labels[idx],
            "index": idx.astype(np.int32), "mask": mask}, self.mesh)

@@ -1,4 +1,14 @@
-"""The labeled / unlabeled split: class-balanced, chosen by a seed, saved in the workdir."""
+"""The labeled / unlabeled / validation split: class-balanced, chosen by a seed, saved in the workdir.
+
+The validation set is carved from the train split (never from test) and drawn
+first, from its own stream of the split seed: for a given (split seed,
+num_val) it is the same whatever `num_labels`, so runs with 40 and 250 labels
+select on the same images. The labeled set is then drawn from the remaining
+examples with the split seed itself (so with `num_val=0` it is exactly the
+labeled set of a run made before validation splits existed). Validation rows
+are in neither the labeled set nor the unlabeled pool, 'all' included: no
+method trains on them, and a per-example table keeps them unlearnable.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +21,10 @@ import numpy as np
 
 from r2d2_jax.errors import R2D2Error
 
+# Mixed into the split seed for the validation draw, so it is a stream of its
+# own that does not depend on how many labels are drawn after it.
+_VAL_STREAM = 0x76616C  # 'val'
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -19,10 +33,13 @@ class Split:
   Attributes:
     labeled: sorted indices of the labeled examples.
     unlabeled: sorted indices of the unlabeled examples ('rest' excludes the
-      labeled ones, 'all' includes them, as in FixMatch).
+      labeled ones, 'all' includes them, as in FixMatch; both exclude `val`).
+    val: sorted indices of the validation examples (empty: no validation set).
   """
   labeled: np.ndarray
   unlabeled: np.ndarray
+  val: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros(0, np.int64))
 
 
 def labels_per_class(num_labels: int, num_classes: int) -> int:
@@ -34,65 +51,141 @@ def labels_per_class(num_labels: int, num_classes: int) -> int:
   return num_labels // num_classes
 
 
+def val_per_class(num_val: int, num_classes: int) -> int:
+  if num_val < 0 or num_val % num_classes:
+    raise R2D2Error(
+        f"data.num_val={num_val} must be 0 (no validation set) or a positive "
+        f"multiple of the number of classes ({num_classes}) so that the "
+        "validation set is class-balanced.")
+  return num_val // num_classes
+
+
+def draw_val(labels: np.ndarray, num_classes: int, num_val: int, seed: int,
+             labels_wanted: int | np.ndarray = 0, what: str = "") -> np.ndarray:
+  """The class-balanced validation rows: `num_val / num_classes` of each class.
+
+  Args:
+    labels: int labels of the whole train split.
+    num_classes: number of classes.
+    num_val: total validation examples (a multiple of `num_classes`; 0: none).
+    seed: the split seed; the draw uses its own stream of it.
+    labels_wanted: labels that must remain outside the validation set, per
+      class (an int for every class, or an array by class).
+    what: how the labels were asked for, for the error message.
+
+  Returns:
+    Sorted int64 indices. The first k per class of a larger `num_val` are
+    those of a smaller one (validation sets are nested).
+  """
+  per_class = val_per_class(num_val, num_classes)
+  if not per_class:
+    return np.zeros(0, np.int64)
+  if seed is None:
+    raise ValueError("draw_val needs an integer seed")
+  counts = np.bincount(labels, minlength=num_classes)
+  wanted = np.broadcast_to(np.asarray(labels_wanted, np.int64), counts.shape)
+  room = counts - wanted
+  if room.min() < per_class:
+    c = int(np.argmin(room))
+    largest = max(int(room.min()), 0) * num_classes
+    asked = (f" and {what} takes {int(wanted[c])} of them as labels"
+             if wanted[c] else "")
+    raise R2D2Error(
+        f"data.num_val={num_val} asks for {per_class} validation examples per "
+        f"class, but class {c} has only {counts[c]} training examples{asked}. "
+        f"The largest possible data.num_val here is {largest} "
+        f"({largest // num_classes} per class): the validation set is "
+        "class-balanced, comes from the train split only and never overlaps "
+        "the labeled set.")
+  rng = np.random.default_rng([_VAL_STREAM, int(seed)])
+  val = np.concatenate([
+      rng.permutation(np.flatnonzero(labels == c))[:per_class]
+      for c in range(num_classes)])
+  return np.sort(val).astype(np.int64)
+
+
 def make_split(labels: np.ndarray, num_classes: int, num_labels: int, seed: int,
-               unlabeled: str = "rest") -> Split:
-  """Chooses a class-balanced labeled subset.
+               unlabeled: str = "rest", num_val: int = 0) -> Split:
+  """Chooses a class-balanced validation set, then a class-balanced labeled subset.
 
   Args:
     labels: int labels of the whole train split.
     num_classes: number of classes.
     num_labels: total number of labels; a multiple of `num_classes`, or -1 for
-      every example (fully supervised).
-    seed: which labeled subset.
-    unlabeled: 'rest' (the examples not labeled) or 'all' (every example).
+      every example outside the validation set (fully supervised).
+    seed: which validation and labeled subsets.
+    unlabeled: 'rest' (the examples neither labeled nor validation) or 'all'
+      (every example outside the validation set).
+    num_val: validation examples, a multiple of `num_classes` (0: none).
 
   Returns:
-    The `Split`. The same arguments always give the same split.
+    The `Split`. The same arguments always give the same split; the validation
+    set does not depend on `num_labels` or `unlabeled`.
   """
   if unlabeled not in ("rest", "all"):
     raise R2D2Error(f"data.unlabeled={unlabeled!r}: use 'rest' or 'all'.")
   n = len(labels)
+  per_class = 0 if num_labels == -1 else labels_per_class(num_labels,
+                                                          num_classes)
+  counts = np.bincount(labels, minlength=num_classes)
+  if counts.min() < per_class:
+    c = int(np.argmin(counts))
+    raise R2D2Error(
+        f"data.num_labels={num_labels} asks for {per_class} labels per class, "
+        f"but class {c} has only {counts[c]} training examples.")
+  val = draw_val(labels, num_classes, num_val, seed, per_class,
+                 f"data.num_labels={num_labels}")
+  in_val = np.zeros(n, bool)
+  in_val[val] = True
   if num_labels == -1:
-    labeled = np.arange(n)
+    labeled = np.flatnonzero(~in_val)
   else:
-    per_class = labels_per_class(num_labels, num_classes)
-    counts = np.bincount(labels, minlength=num_classes)
-    if counts.min() < per_class:
-      c = int(np.argmin(counts))
-      raise R2D2Error(
-          f"data.num_labels={num_labels} asks for {per_class} labels per class, "
-          f"but class {c} has only {counts[c]} training examples.")
     if seed is None:
       raise ValueError("make_split needs an integer seed")
     rng = np.random.default_rng(seed)
     labeled = np.concatenate([
-        rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+        rng.choice(np.flatnonzero((labels == c) & ~in_val), per_class,
+                   replace=False)
         for c in range(num_classes)])
     labeled.sort()
   if unlabeled == "all":
-    rest = np.arange(n)
+    rest = np.flatnonzero(~in_val)
   else:
-    rest = np.setdiff1d(np.arange(n), labeled)
-  return Split(labeled.astype(np.int64), rest.astype(np.int64))
+    rest = np.setdiff1d(np.flatnonzero(~in_val), labeled)
+  return Split(labeled.astype(np.int64), rest.astype(np.int64), val)
 
 
 def save_or_check(split: Split, path: str, meta: dict) -> None:
   """Writes the split to `path` as JSON, or checks it equals the saved one.
 
-  A resumed run must train on the same labels; a workdir made with another split
-  is an error rather than a silent switch.
+  A resumed run must train on the same labels and select on the same
+  validation set; a workdir made with another split is an error rather than a
+  silent switch. A `split.json` written before validation sets existed (no
+  'val' entry) is accepted only by a config without one (`data.num_val=0`).
   """
   record = dict(meta, labeled=split.labeled.tolist(),
-                num_unlabeled=int(len(split.unlabeled)))
+                num_unlabeled=int(len(split.unlabeled)),
+                val=split.val.tolist())
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if saved.get("labeled") != record["labeled"] or saved.get(
-        "num_unlabeled") != record["num_unlabeled"]:
+    if "val" not in saved and record["val"]:
       raise R2D2Error(
-          f"The labeled split in {path} ({saved.get('meta', saved.get('dataset'))}, "
-          f"{len(saved.get('labeled', []))} labels) differs from the one this "
-          "config makes. Use a new --workdir, or the config that made it.")
+          f"The split in {path} was saved without a validation set, and this "
+          f"config carves {len(record['val'])} validation examples "
+          f"(data.num_val={len(record['val'])}) from the train split, which "
+          "changes the labeled and unlabeled sets. Use a new --workdir, or "
+          "--config.data.num_val=0 to continue the old run as it was.")
+    if saved.get("labeled") != record["labeled"] or saved.get(
+        "num_unlabeled") != record["num_unlabeled"] or saved.get(
+            "val", []) != record["val"]:
+      raise R2D2Error(
+          f"The split in {path} ({saved.get('meta', saved.get('dataset'))}, "
+          f"{len(saved.get('labeled', []))} labels, "
+          f"{len(saved.get('val', []))} validation examples) differs from the "
+          f"one this config makes ({len(record['labeled'])} labels, "
+          f"{len(record['val'])} validation examples). Use a new --workdir, or "
+          "the config that made it.")
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   # A temporary name of this process's own: on a multi-host run every process

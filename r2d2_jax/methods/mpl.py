@@ -21,6 +21,10 @@ optimizer and schedule (the student's is `config.optimizer`, the teacher's
      h = ηS ⟨∇L_l(θS'), ∇CE_u(θS)⟩ (`'dot_product'`), and b the moving average
      b ← b − 0.01 (b − h). A label that lowered the student's labeled loss
      (h > b) becomes more likely under the teacher.
+     `config.mpl.baseline` says which b is subtracted: 'updated' (default, the
+     official code: `training_utils.py` runs `moving_dot_product_update` under
+     a control dependency before `dot_product − moving_dot_product`, so this
+     step's h is already in b) or 'previous' (b before this step's update).
    - 'official_compat': what the released TF code does, FOR COMPARISON ONLY:
      the student learns from soft teacher probabilities, h = CE_new − CE_old
      (the opposite sign to the derivation), and the MPL term is
@@ -36,6 +40,11 @@ step of 'exact') discard theirs.
 
 Method 'mpl_finetune' is the last stage: the student alone, CE on the labeled
 data (a plain `TrainState` started from the MPL student).
+`config.mpl.finetune_from` picks which student: 'ema' (default;
+kekmodel/MPL-pytorch `main.py` loads `avg_state_dict`, the EMA student, before
+`finetune`, and `finetune` sets `model.drop = nn.Identity()`: configs/common.py's
+`mpl_stages` gives the finetune stage `dropout_rate` 0 where the model has
+dropout) or 'raw'. See docs/algorithms.md, "Meta Pseudo Labels".
 """
 
 from __future__ import annotations
@@ -59,6 +68,8 @@ from r2d2_jax.state import TrainState
 PyTree = Any
 MODES = ("exact", "first_order", "official_compat")
 H_KINDS = ("difference", "dot_product")
+BASELINES = ("updated", "previous")
+FINETUNE_FROM = ("ema", "raw")
 
 
 class MPLState(struct.PyTreeNode):
@@ -229,6 +240,9 @@ def _check_config(ctx: Context) -> None:
     raise R2D2Error(f"config.mpl.mode={cfg.mode!r}; choose one of {MODES}.")
   if cfg.get("h", "difference") not in H_KINDS:
     raise R2D2Error(f"config.mpl.h={cfg.h!r}; choose one of {H_KINDS}.")
+  if cfg.get("baseline", "updated") not in BASELINES:
+    raise R2D2Error(f"config.mpl.baseline={cfg.baseline!r}; choose one of "
+                    f"{BASELINES}.")
 
 
 def init_state(rng: jax.Array, ctx: Context) -> MPLState:
@@ -356,7 +370,11 @@ def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
   else:
     h = h_diff
   h = jax.lax.stop_gradient(h)
-  coef = h - state.baseline
+  new_baseline = update_baseline(state.baseline, h,
+                                 cfg.get("baseline_decay", 0.01))
+  subtracted = (new_baseline if cfg.get("baseline", "updated") == "updated"
+                else state.baseline)
+  coef = h - subtracted
 
   # 3. The teacher's loss as a function of its logits.
   weight = uda.uda_weight(state.step, ctx.config)
@@ -390,7 +408,7 @@ def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
   metrics = step_metrics(student, s_grads, ctx)
   metrics.update({
       "mpl/dot_product": h,
-      "mpl/moving_dot_product": state.baseline,
+      "mpl/moving_dot_product": subtracted,
       "mpl/term": mpl_term,
       "cross_entropy/teacher_on_l": aux["losses/xe"],
       "cross_entropy/teacher_on_u": aux["losses/uda"],
@@ -413,8 +431,7 @@ def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
   })
   new_state = state.replace(
       step=state.step + 1, teacher=new_teacher, student=new_student,
-      baseline=update_baseline(state.baseline, h,
-                               cfg.get("baseline_decay", 0.01)))
+      baseline=new_baseline)
   return new_state, metrics
 
 
@@ -422,9 +439,34 @@ METHOD = Method(name="mpl", views=views, init_state=init_state,
                 train_step=train_step, eval_variables=eval_variables,
                 init_from=init_from)
 
+def finetune_init_from(state: TrainState, previous: dict,
+                       ctx: Context) -> TrainState:
+  """Starts the finetune student from the MPL student's EMA or raw weights.
+
+  `config.mpl.finetune_from`: 'ema' (default, kekmodel's choice) copies the
+  EMA weights and EMA BatchNorm statistics into both the raw and the EMA slots;
+  'raw' copies the raw weights (and the EMA into the EMA slot). A previous
+  stage without a student (e.g. a supervised warm-up) is copied as it is.
+  """
+  block = ctx.config.get("mpl") or {}
+  which = block.get("finetune_from", "ema") or "ema"
+  if which not in FINETUNE_FROM:
+    raise R2D2Error(f"config.mpl.finetune_from={which!r}; choose one of "
+                    f"{FINETUNE_FROM}.")
+  state = copy_network(state, previous, ctx)
+  if which == "ema":
+    # Copies: the step donates its state, and one buffer must not fill two
+    # donated slots.
+    state = state.replace(
+        params=jax.tree.map(jnp.copy, state.ema_params),
+        model_state=jax.tree.map(jnp.copy, state.ema_model_state))
+  return state
+
+
 # The last stage: the student alone on the labeled data (CE, optional label
-# smoothing `config.label_smoothing`), started from the MPL student by
-# `copy_network` (which picks `previous['student']`).
+# smoothing `config.label_smoothing`), started from the MPL student
+# (`previous['student']`) by `finetune_init_from`.
 FINETUNE = Method(name="mpl_finetune", views=supervised.views,
                   init_state=supervised.init_state,
-                  train_step=supervised.train_step)
+                  train_step=supervised.train_step,
+                  init_from=finetune_init_from)

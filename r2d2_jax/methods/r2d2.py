@@ -27,7 +27,18 @@ The table lives in the state pytree, sharded along its example axis over the
 mesh (`r2d2_jax.table`); the step gathers and scatters only its batch's rows.
 
 Method 'r2d2_finetune' is the last stage: cross-entropy on every training image
-with the hard label argmax Y (the table frozen).
+with the hard label argmax Y (the table frozen). Which Y, by
+`config.r2d2.finetune_labels`:
+  'repredict' (the reference, DoctorKey/R2D2.pytorch
+      `finetune_all_by_pseudo_label.py` with `'prediction': True`: it loads the
+      R2 checkpoint and overwrites the unlabeled rows with the network's
+      eval-mode predictions, `pre_pseudo_label`, before training): before step
+      0 the unlabeled rows are repredicted by the network the stage starts from
+      (the R2 stage's raw weights, BatchNorm running statistics, no
+      augmentation); labeled rows keep logit 10 at their true class.
+  'table' the table as the R2 stage left it (its last D2 updates included).
+Missing key: 'repredict'. The repredicted table is checkpointed with the state,
+so a resumed finetune trains on the same labels.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from r2d2_jax.methods.base import (Context, Method, copy_network,
 from r2d2_jax.state import TrainState
 
 LABELED_LOGIT = 10.0
+FINETUNE_LABELS = ("repredict", "table")
 
 
 class R2D2State(TrainState):
@@ -300,8 +312,31 @@ def finetune_step(state: R2D2State, batch, rng: jax.Array, ctx: Context):
   return state, metrics
 
 
+def finetune_labels(config) -> str:
+  """`config.r2d2.finetune_labels`, validated ('repredict' if missing)."""
+  block = config.get("r2d2") or {}
+  name = block.get("finetune_labels", "repredict") or "repredict"
+  if name not in FINETUNE_LABELS:
+    raise R2D2Error(f"Unknown r2d2.finetune_labels {name!r}. Valid values: "
+                    f"{', '.join(FINETUNE_LABELS)}.")
+  return name
+
+
+def finetune_hook(stage, state: R2D2State, step: int):
+  """Before finetune step 0: repredict the table if `finetune_labels` says so."""
+  if step != 0 or finetune_labels(stage.config) != "repredict":
+    return state, None
+  before = table_stats(stage, state)
+  state = repredict(stage, state)
+  metrics = {f"{k}_before_repredict": v for k, v in before.items()}
+  metrics.update(table_stats(stage, state))
+  metrics["r2d2/repredicted"] = 1.0
+  return state, metrics
+
+
 def _finetune_init_from(state: R2D2State, previous: dict,
                         ctx: Context) -> R2D2State:
+  finetune_labels(ctx.config)
   if "table" not in previous:
     raise R2D2Error(
         "r2d2_finetune starts from an R2-D2 stage (it needs the pseudo-label "
@@ -311,4 +346,5 @@ def _finetune_init_from(state: R2D2State, previous: dict,
 
 FINETUNE = Method(name="r2d2_finetune", views=finetune_views,
                   init_state=init_state, train_step=finetune_step,
-                  state_sharding=state_sharding, init_from=_finetune_init_from)
+                  state_sharding=state_sharding, init_from=_finetune_init_from,
+                  hooks=(finetune_hook,))

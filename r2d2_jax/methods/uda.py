@@ -3,15 +3,23 @@
   L = CE(y_l, f(weak x_l))                                   (label smoothing)
     + w(t) · mean_i mask_i · CE(stop_grad(softmax(f(weak x_u_i) / τ)),
                                 f(strong x_u_i))
-  mask_i = [max softmax(f(weak x_u_i)) ≥ threshold],
+  mask_i = [max softmax(f(weak x_u_i) / τ_mask) ≥ threshold],
   w(t)   = config.uda.weight · min(1, t / config.uda.ramp_steps).
+
+`config.uda.mask_on` picks the softmax the mask thresholds: 'unsharpened'
+(τ_mask = 1, the UDA paper's code: google-research/uda `image/main.py`,
+`largest_prob = reduce_max(softmax(ori_logits))`) or 'sharpened' (τ_mask = τ,
+the Meta Pseudo Labels code: google-research/google-research
+`meta_pseudo_labels/training_utils.py`, `UDA.build_uda_cross_entropy` takes
+`reduce_max(labels['u_ori'])` with `labels['u_ori'] = softmax(logits / uda_temp)`).
+Missing key: 'unsharpened'. The paper configs set it (docs/algorithms.md, "UDA").
 
 The mean is over every unlabeled row (masked rows count as zero), FixMatch's
 convention. The same loss is the auxiliary loss of the Meta Pseudo Labels
 teacher (`r2d2_jax.methods.mpl`), so it is exposed as the pure `uda_loss`.
 
 Config block (`config.uda`): weight, ramp_steps, temperature, threshold,
-label_smoothing.
+label_smoothing, mask_on.
 """
 
 from __future__ import annotations
@@ -24,14 +32,17 @@ import ml_collections
 
 from r2d2_jax import losses
 from r2d2_jax import meta
+from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods.base import Context, Method, step_metrics
 from r2d2_jax.state import TrainState
+
+MASK_ON = ("sharpened", "unsharpened")
 
 
 def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
              logits_strong: jax.Array, *, weight: jax.Array | float,
              temperature: float, threshold: float,
-             label_smoothing: float = 0.0
+             label_smoothing: float = 0.0, mask_on: str = "unsharpened"
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The UDA objective from logits.
 
@@ -43,17 +54,23 @@ def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
     logits_strong: [B_u, C] logits of the strong unlabeled view.
     weight: w(t), the consistency weight at this step.
     temperature: τ, sharpening of the targets.
-    threshold: confidence threshold of the mask (on the un-sharpened softmax).
+    threshold: confidence threshold of the mask.
     label_smoothing: on the labeled CE.
+    mask_on: 'unsharpened' (the mask reads softmax(logits_weak), the UDA code)
+      or 'sharpened' (softmax(logits_weak / τ), the MPL code).
 
   Returns:
     (total loss, {'losses/xe', 'losses/uda', 'uda/mask'}).
   """
   xe = losses.cross_entropy(logits_l, labels, label_smoothing=label_smoothing)
+  if mask_on not in MASK_ON:
+    raise R2D2Error(f"Unknown uda.mask_on {mask_on!r}. Valid values: "
+                    f"{', '.join(MASK_ON)}.")
   logits_weak = jax.lax.stop_gradient(logits_weak)
-  mask = (jnp.max(jax.nn.softmax(logits_weak), -1) >= threshold).astype(
-      logits_strong.dtype)
   targets = jax.nn.softmax(logits_weak / temperature)
+  confidence = targets if mask_on == "sharpened" else jax.nn.softmax(
+      logits_weak)
+  mask = (jnp.max(confidence, -1) >= threshold).astype(logits_strong.dtype)
   consistency = losses.soft_cross_entropy(logits_strong, targets, mask)
   total = xe + weight * consistency
   return total, {"losses/xe": xe, "losses/uda": consistency,
@@ -70,7 +87,8 @@ def uda_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The static keyword arguments of `uda_loss` from `config.uda`."""
   return dict(temperature=config.uda.temperature,
               threshold=config.uda.threshold,
-              label_smoothing=config.uda.get("label_smoothing", 0.0))
+              label_smoothing=config.uda.get("label_smoothing", 0.0),
+              mask_on=config.uda.get("mask_on", "unsharpened") or "unsharpened")
 
 
 def views(config) -> dict[str, tuple[str, ...]]:

@@ -4,6 +4,11 @@ Follows the FixMatch reference (google-research/fixmatch ``libml/models.py``):
 pre-activation residual blocks, BatchNorm with momentum 0.999 / epsilon 1e-3,
 LeakyReLU(0.1), kaiming-normal (fan_out) convolutions, Glorot-normal classifier.
 WRN-28-2 has ~1.47M parameters for 10 classes.
+
+`bn_momentum` is in flax terms (the weight of the old running average): FixMatch
+uses 0.999; the Meta Pseudo Labels TF reference uses `batch_norm_decay` 0.99
+(`flag_utils.py` default, not overridden by its README commands), which
+configs/common.py's `cifar10_4k_mpl_setup` sets.
 """
 
 from typing import Any, ClassVar
