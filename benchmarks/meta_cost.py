@@ -243,6 +243,10 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
   # 5. Teacher loss (UDA [+ first-order term]) and its gradient w.r.t. logits.
   def t_loss_grad(t_logits, targets, y_l, h, baseline, step):
     weight = uda.uda_weight(step, ctx.config)
+    # The baseline the step subtracts (config.mpl.baseline, as mpl.train_step).
+    if cfg.get("baseline", "updated") == "updated":
+      baseline = mpl.update_baseline(baseline, h,
+                                     cfg.get("baseline_decay", 0.01))
     coef = h - baseline
 
     def t_loss(logits):

@@ -87,7 +87,7 @@ def mnist_data(c: ml_collections.ConfigDict, num_labels: int = 100) -> None:
 
 
 def r2d2_block(c: ml_collections.ConfigDict) -> None:
-  """R2-D2's hyper-parameters (ALGORITHMS.md §1): α = 0.1, β = 0.03.
+  """R2-D2's hyper-parameters (docs/algorithms.md, "R2-D2"): α = 0.1, β = 0.03.
 
   label_lr = λ / n, the label step per unit of (α/n)-scaled gradient: the paper's
   λ = 4000 at a mixed batch of n = 512 is 7.8125, i.e. a per-visit step
@@ -154,7 +154,7 @@ def runlocal_stages(c: ml_collections.ConfigDict, model: str = "cnn_small"
 def uda_block(weight: float, ramp_steps: int, temperature: float,
               threshold: float, label_smoothing: float,
               mask_on: str = "unsharpened") -> ml_collections.ConfigDict:
-  """UDA's loss settings (ALGORITHMS.md §2 and §4), read by 'uda' and MPL's teacher.
+  """UDA's loss settings (docs/algorithms.md, "Meta Pseudo Labels" and "UDA"), read by 'uda' and MPL's teacher.
 
   mask_on: the softmax the confidence mask thresholds, 'unsharpened' (the UDA
   paper's code) or 'sharpened' by τ (the MPL code; the MPL configs pass it).
@@ -212,7 +212,7 @@ def _has_dropout(model_name: str) -> bool:
 
 
 def cifar10_4k_mpl_setup(c: ml_collections.ConfigDict) -> None:
-  """MPL's CIFAR-10-4000 model and data (ALGORITHMS.md §2), shared with UDA.
+  """MPL's CIFAR-10-4000 model and data (docs/algorithms.md, "Meta Pseudo Labels"), shared with UDA.
 
   WRN-28-2 with dense dropout 0.2 and BatchNorm decay 0.99 (the MPL code's
   `batch_norm_decay` flag default, `flag_utils.py`; flax momentum 0.99); B = 128

@@ -1,6 +1,6 @@
 r"""Meta Pseudo Labels on CIFAR-10 with 4000 labels, WRN-28-2: the paper's setting.
 
-ALGORITHMS.md §2, two stages in one command:
+docs/algorithms.md, "Meta Pseudo Labels", two stages in one command:
 1. mpl: 300k steps, B = 128 labeled + μ·B = 7·128 unlabeled; WRN-28-2 with
    dense dropout 0.2; strong view RandAugment(2 ops, magnitude 16) + cutout
    16×16; label smoothing 0.15; student lr 0.05 (0 for the first 3000 steps,
@@ -12,7 +12,7 @@ ALGORITHMS.md §2, two stages in one command:
    Nesterov, wd 0.
 Paper: 3.89 ± 0.07 % error.
 
-Our choices where ALGORITHMS.md gives none: the finetune length (5000 steps,
+Our choices where the paper gives none: the finetune length (5000 steps,
 constant lr) and its label smoothing (the MPL stage's 0.15, kept); weak view =
 translate 4 + flip.
 

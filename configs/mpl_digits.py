@@ -1,7 +1,7 @@
 r"""Meta Pseudo Labels on scikit-learn's embedded digits, 50 labels (5 per class).
 
 Two stages in one command (mpl → finetune), about a minute or two on a 2-core
-CPU. The structure is the paper's CIFAR-10 recipe (ALGORITHMS.md §2: the
+CPU. The structure is the paper's CIFAR-10 recipe (docs/algorithms.md, "Meta Pseudo Labels": the
 student waits, then warms up; the teacher trains on UDA + the MPL signal;
 the student's EMA is evaluated; then a labeled-only finetune); the sizes and
 step counts are scaled down to digits and are our choices.

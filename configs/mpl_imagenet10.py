@@ -1,13 +1,13 @@
 r"""Meta Pseudo Labels on ImageNet with 10 % of the labels, ResNet-50.
 
-ALGORITHMS.md §2: batch 1024 labeled + μ·1024 = 15·1024 unlabeled, 700k steps;
+docs/algorithms.md, "Meta Pseudo Labels": batch 1024 labeled + μ·1024 = 15·1024 unlabeled, 700k steps;
 student lr 0.4 (0 for 20k steps, then 5k warmup, cosine), teacher lr 0.6 (5k
 warmup, cosine); teacher UDA weight 20 ramped over 50k steps, τ = 0.5,
 threshold 0.6; label smoothing 0.1; grad-norm clip 5; EMA 0.999; wd 1e-4;
 RandAugment magnitude 17. Paper: 73.89 % top-1.
 
 Not reproduced: dropout 0.1 (this library's ResNet-50 has no dropout layer).
-Our choices where ALGORITHMS.md gives none: SGD Nesterov 0.9 for both
+Our choices where the paper gives none: SGD Nesterov 0.9 for both
 networks, 2 RandAugment ops and no cutout, and the finetune stage (labeled only,
 batch 1024, lr 3e-5 constant, wd 0, 10k steps).
 

@@ -1,6 +1,6 @@
 r"""Meta Pseudo Labels on MNIST with 100 labels (10 per class), the MNIST MLP.
 
-Two stages (mpl → finetune) with the paper's structure (ALGORITHMS.md §2) at a
+Two stages (mpl → finetune) with the paper's structure (docs/algorithms.md, "Meta Pseudo Labels") at a
 modest CPU scale: the 1200-600-300-150-150 BatchNorm MLP (`mlp_mnist`), 32
 labeled + 96 unlabeled images per step, 6000 MPL steps, then a labeled-only
 finetune. The sizes, step counts and learning rates are our choices, not the

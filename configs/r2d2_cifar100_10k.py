@@ -1,6 +1,6 @@
 r"""R2-D2 on CIFAR-100 with 10000 labels, ConvLarge (CNN-13).
 
-The paper reports 32.87 ± 0.51 % error with ConvLarge. ALGORITHMS.md gives the
+The paper reports 32.87 ± 0.51 % error with ConvLarge. the paper gives the
 schedule only for CIFAR-10; this config keeps that four-stage schedule
 (configs/r2d2_cifar10_4k.py) and changes the dataset, the labels and the model.
 Batch 40 over 10000 labels is 250 steps per epoch, so the supervised cosine

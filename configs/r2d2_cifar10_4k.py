@@ -1,6 +1,6 @@
 r"""R2-D2 on CIFAR-10 with 4000 labels, Shake-Shake-26 2x96d: the paper's schedule.
 
-ALGORITHMS.md §1, all four stages in one command:
+docs/algorithms.md, "R2-D2", all four stages in one command:
 1. supervised on the 4000 labels: 300 epochs, batch 40, lr 0.05 with a cosine
    rampdown scheduled for 350 epochs, Nesterov 0.9, wd 2e-4, translate 4 + flip
    + cutout 16;

@@ -4,7 +4,7 @@ The table is 1.28M x 1000 float32 logits (about 5 GB): it is sharded along its
 example axis over every device of every host (`r2d2_jax.table`), so each of N
 devices holds 1/N of it. The paper reports top-1 / top-5 error 41.55 / 19.52.
 
-ALGORITHMS.md gives no ImageNet schedule for R2-D2. The four stages keep the
+the paper gives no ImageNet schedule for R2-D2. The four stages keep the
 CIFAR-10 structure (supervised → D2 → R2 with four lr blocks and reprediction at
 each → finetune on argmax Y), with epochs shortened for ImageNet: these are our
 choices, not the paper's; expect to tune them.

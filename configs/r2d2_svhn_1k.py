@@ -1,6 +1,6 @@
 r"""R2-D2 on SVHN with 1000 labels, Shake-Shake-26 2x96d.
 
-The paper reports 3.64 % error. ALGORITHMS.md gives the schedule only for
+The paper reports 3.64 % error. the paper gives the schedule only for
 CIFAR-10; this config keeps it (configs/r2d2_cifar10_4k.py) with SVHN's
 1000 labels and no horizontal flips (digits). Batch 40 over 1000 labels is 25
 steps per epoch, so the supervised cosine horizon is 350 × 25 steps.

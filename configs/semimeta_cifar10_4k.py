@@ -1,6 +1,6 @@
 r"""SemiMeta on CIFAR-10 with 4000 labels, ConvLarge (CNN-13): the paper's setting.
 
-ALGORITHMS.md §3: 128 labeled + 128 unlabeled images per step, SGD momentum 0.9
+docs/algorithms.md, "SemiMeta": 128 labeled + 128 unlabeled images per step, SGD momentum 0.9
 without Nesterov, lr 0.1 with 4000 linear warmup steps, ×0.1 at steps 300k and
 350k, 400k steps, weight decay 1e-4, unlabeled (consistency) weight 1 ramped
 linearly over 4000 steps, mixup Beta(1, 1) with a per-sample λ (as drawn, no
@@ -17,7 +17,7 @@ flax `bn_momentum=0.9`, epsilon 1e-5 (`model.py`); weight decay on every
 parameter (`optimizer.decay_mask='all'`: `SGD(model.parameters(), ...)` in
 `train_meta.py`).
 
-Our choices, not stated in ALGORITHMS.md: the label gradient by the
+Our choices, not stated in the paper: the label gradient by the
 first-order jvp (the reference's finite difference without its ε error). The
 meta forwards use BatchNorm in eval mode, as the reference code does
 (`semimeta.meta_bn = 'eval'`, the default).

@@ -1,7 +1,7 @@
 r"""SemiMeta on scikit-learn's embedded digits, 50 labels (5 per class).
 
 One stage, about a minute on a 2-core CPU. The method's settings are the
-reference's (ALGORITHMS.md §3: mixup Beta(1, 1), consistency weight 1 ramped
+reference's (docs/algorithms.md, "SemiMeta": mixup Beta(1, 1), consistency weight 1 ramped
 in, the label step of the reference code, meta forwards with BatchNorm in eval
 mode); the network (cnn_small, whose dropout makes the training-mode
 prediction differ from the pseudo-label), the batch (16 labeled + 48

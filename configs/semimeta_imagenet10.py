@@ -1,8 +1,8 @@
 r"""SemiMeta on ImageNet with 10 % of the labels, ResNet-18.
 
-ALGORITHMS.md §3 gives only the result (top-1 / top-5 error 44.87 / 18.88) and
+docs/algorithms.md, "SemiMeta" gives only the result (top-1 / top-5 error 44.87 / 18.88) and
 no ImageNet schedule. The schedule here follows the reference code's
-`run_imagenet.sh` / `train_meta_imagenet.py` (not ALGORITHMS.md; unverified by
+`run_imagenet.sh` / `train_meta_imagenet.py` (not the paper; unverified by
 us): 8 GPUs × 64 = 512 labeled + 512 unlabeled images per step, SGD momentum
 0.9 (no Nesterov), lr 0.1, cosine over 600 epochs of the unlabeled set with 5
 warmup epochs (≈ 11k steps at ~2250 steps per epoch), weight decay 1e-4, mixup

@@ -3,7 +3,7 @@ r"""SemiMeta on MNIST with 100 labels (10 per class), a modest CPU schedule.
 The 1200-600-300-150-150 MLP with BatchNorm of the MNIST literature, with ±2 px
 translations as the standard augmentation (as configs/r2d2_mnist.py:translate
 and configs/mpl_mnist.py, so the three compare). The method's settings are the
-reference's (ALGORITHMS.md §3 and the reference code): mixup Beta(1, 1),
+reference's (docs/algorithms.md, "SemiMeta" and the reference code): mixup Beta(1, 1),
 consistency weight 1 ramped in over the warmup, label step `label_lr = 1`
 (the reference's ỹ ← ỹ − lr·2J_i g), and the meta forwards with BatchNorm in
 eval mode (`semimeta.meta_bn = 'eval'`). The schedule is ours and short: 64 + 64

@@ -1,6 +1,6 @@
 r"""UDA alone on CIFAR-10 with 4000 labels, WRN-28-2: the MPL teacher's settings.
 
-ALGORITHMS.md §4 ("UDA: the teacher auxiliary loss of section 2, used alone")
+docs/algorithms.md, "UDA" (the MPL teacher's auxiliary loss, used alone)
 with §2's CIFAR-10 teacher: WRN-28-2 with dense dropout 0.2, 300k steps,
 B = 128, μ = 7, strong view RandAugment(2, 16) + cutout 16, labeled CE with
 label smoothing 0.15, UDA weight 8 ramped over 5000 steps, τ = 0.7,

@@ -268,7 +268,8 @@ class Stage:
     def train_step(state, batch):
       step = state.step
       rng = jax.random.fold_in(step_key, step)
-      prepared = prepare_batch(batch, aug_key, step, specs, info)
+      prepared = prepare_batch(batch, aug_key, step, specs, info,
+                               augment_state=method.augment_state(state))
       return method.train_step(state, prepared, rng, ctx=ctx)
 
     repl = sharding.replicated(self.mesh)

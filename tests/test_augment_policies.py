@@ -442,8 +442,8 @@ def test_views_are_functions_of_seed_step_index(policy, magnitude):
   assert not np.array_equal(a, f(jax.random.key(0), 4, images, idx + 1))
 
 
-def test_state_reaches_the_policy(monkeypatch):
-  """A policy may read `state` (CTAugment's bins); here: which op to use."""
+def _reads_state_policy() -> ra.Policy:
+  """A test policy whose one op is chosen by `state['op']`: Identity or Invert."""
 
   def draw(key, num_ops, num_choices, magnitude, state, **options):
     del num_choices, magnitude, options
@@ -452,12 +452,16 @@ def test_state_reaches_the_policy(monkeypatch):
                     sign=jnp.ones((num_ops,)), level=None,
                     key=jax.random.split(key, num_ops))
 
-  reads_state = ra.Policy(
+  return ra.Policy(
       name="reads_state", reference="test", ops=("Identity", "Invert"),
       known_ops=("Identity", "Invert"), magnitude_range=(0, 10),
       integer_magnitude=False, options={}, draw=draw,
       value=lambda *a: 0.0)
-  monkeypatch.setitem(ra.POLICIES, "reads_state", reads_state)
+
+
+def test_state_reaches_the_policy(monkeypatch):
+  """A policy may read `state` (CTAugment's bins); here: which op to use."""
+  monkeypatch.setitem(ra.POLICIES, "reads_state", _reads_state_policy())
   views = {"strong": dict(kind="strong", policy="reads_state", num_ops=1,
                           flip=False)}
   images = _photos(32, 2)
@@ -495,3 +499,44 @@ def test_bad_policy_magnitude_op_option_are_refused():
     train.view_specs({"u": ("strong",)}, c.data.augment,
                      sources.get_info("cifar10"))
 
+
+
+def test_trainer_hands_the_methods_augment_state_to_the_policy(monkeypatch,
+                                                                tmp_path):
+  """`Method.augment_state(state)` is what the jitted step's views read."""
+  from flax import struct  # pylint: disable=g-import-not-at-top
+  from r2d2_jax import methods, train  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+
+  class State(struct.PyTreeNode):
+    step: jax.Array
+    op: jax.Array
+
+  def init_state(rng, ctx):
+    del rng, ctx
+    return State(step=jnp.zeros((), jnp.int32), op=jnp.int32(1))
+
+  def train_step(state, batch, rng, ctx):
+    del rng, ctx
+    return (state.replace(step=state.step + 1),
+            {"strong": batch["labeled"]["strong"]})
+
+  method = methods.Method(
+      name="reads_augment_state", views=lambda c: {"labeled": ("strong",)},
+      init_state=init_state, train_step=train_step,
+      augment_state=lambda state: {"op": state.op})
+  monkeypatch.setitem(methods.METHODS, method.name, method)
+  monkeypatch.setitem(ra.POLICIES, "reads_state", _reads_state_policy())
+  c = helpers.tiny_config(method.name)
+  c.data.augment.weak.translate = 0
+  c.data.augment.strong = dict(policy="reads_state", num_ops=1, cutout=0)
+  stage = train.Stage(c, str(tmp_path))
+  batch = stage.pipeline.global_batch(0, stage.streams)
+  images = np.asarray(batch["labeled"]["image"], np.float32)
+  for op, expected in ((1, 255.0 - images), (0, images)):
+    state = stage.init_state().replace(op=jnp.int32(op))
+    _, m = stage.train_step(state, batch)
+    np.testing.assert_allclose(
+        np.asarray(m["strong"]),
+        np.asarray(train.normalize(jnp.asarray(expected), stage.info)),
+        rtol=0, atol=1e-5)

@@ -11,14 +11,17 @@ A method module defines a `Method` with
       `batch[stream]['label']` / `['index']` int32;
 and optionally
   eval_variables(state) -> {'raw': variables, 'ema': variables}
-      the networks to evaluate (accuracy/raw, accuracy/ema);
+      the networks to evaluate (accuracy/{test,val}/raw, .../ema);
   state_sharding(abstract_state, mesh) -> shardings
       default: everything replicated;
   init_from(state, previous, ctx) -> state
       start from a previous stage's checkpoint (default: copy its network);
   hooks: host-side callbacks run before each step,
       `hook(stage, state, step) -> (state, metrics or None)` (e.g. R2-D2's
-      reprediction and pseudo-label diagnostics).
+      reprediction and pseudo-label diagnostics);
+  augment_state(state) -> pytree or None
+      what the augmentation policies may read (docs/algorithms.md,
+      "Augmentation policies"); default None.
 `ctx` (a `Context`) carries the model, optimizer, schedule and config; the trainer
 binds it with `functools.partial` before `jax.jit`.
 """
@@ -107,6 +110,12 @@ class Context:
     return TrainState.create(variables, self.tx)
 
 
+def no_augment_state(state: PyTree) -> None:
+  """Methods whose augmentations read no state (every method today)."""
+  del state
+  return None
+
+
 def default_eval_variables(state: TrainState) -> dict[str, PyTree]:
   return {"raw": state.variables(), "ema": state.variables(ema=True)}
 
@@ -152,6 +161,9 @@ class Method:
   state_sharding: Callable[[PyTree, Mesh], PyTree] = replicate_all
   init_from: Callable[..., PyTree] = copy_network
   hooks: tuple[Any, ...] = ()
+  # The part of the state the augmentation policies read (e.g. CTAugment's bin
+  # weights), handed to every view by the trainer; None: no policy reads state.
+  augment_state: Callable[[PyTree], PyTree | None] = no_augment_state
 
 
 def step_metrics(state: TrainState, grads: PyTree, ctx: Context) -> Metrics:

@@ -1,4 +1,4 @@
-"""Meta Pseudo Labels (MPL, ALGORITHMS.md §2): a teacher taught by its student.
+"""Meta Pseudo Labels (MPL, docs/algorithms.md, "Meta Pseudo Labels"): a teacher taught by its student.
 
 Teacher T(θT) and student S(θS), the same architecture, each with its own
 optimizer and schedule (the student's is `config.optimizer`, the teacher's
@@ -31,7 +31,7 @@ optimizer and schedule (the student's is `config.optimizer`, the teacher's
      (h − b)·CE(stop_grad(softmax(t)), t), whose gradient w.r.t. the logits t is
      exactly zero: only the UDA and supervised losses train the teacher.
 4. The teacher takes its optimizer step; both keep an EMA; the student's EMA is
-   evaluated (accuracy/ema), beside its raw weights and the teacher.
+   evaluated (accuracy/test/ema), beside its raw weights and the teacher.
 
 BatchNorm: every forward pass is in train mode (batch statistics); only the
 real student step (on strong x_u) and the teacher's forward keep their updated
@@ -260,7 +260,7 @@ def init_state(rng: jax.Array, ctx: Context) -> MPLState:
 
 
 def eval_variables(state: MPLState) -> dict[str, PyTree]:
-  """The student's raw and EMA weights, and the teacher (accuracy/teacher)."""
+  """The student's raw and EMA weights, and the teacher (accuracy/test/teacher)."""
   return {"raw": state.student.variables(),
           "ema": state.student.variables(ema=True),
           "teacher": state.teacher.variables()}

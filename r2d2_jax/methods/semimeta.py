@@ -1,7 +1,7 @@
 """SemiMeta: semi-supervised learning with meta-gradient pseudo-labels.
 
 Zhang, Xiao, Jia, Cheng and Yang, "Semi-Supervised Learning with Meta-Gradient"
-(AISTATS 2021); ALGORITHMS.md §3. One network θ. Each step, on a labeled batch
+(AISTATS 2021); docs/algorithms.md, "SemiMeta". One network θ. Each step, on a labeled batch
 (x_l, y_l) and an unlabeled batch x_u of n examples with s_i(θ) = softmax(f(x_u_i; θ)):
 
   ỹ   = stop_gradient(s(θ))                    pseudo-labels (per batch, not stored)
@@ -23,7 +23,7 @@ The only approximation of 'first_order' is evaluating the labeled gradient at θ
 instead of θ̃, so exact / α → first_order / α as α → 0 with an O(α) relative
 error. The first-order form is one `jax.jvp` of θ ↦ s(θ) in the direction
 g = ∇θ L_l(θ) (its primal output is ỹ itself, for free). The label step then
-moves along −J_i g (ALGORITHMS.md's "g_y,i ∝ −J_i g" is this descent direction).
+moves along −J_i g (the descent direction −J_i g of docs/algorithms.md, "SemiMeta").
 
 Relation to the reference code (Sakura03/SemiMeta, `train_meta.py`): it
 estimates (s(θ + εg) − s(θ − εg)) / ε ≈ 2 J_i g by central differences with

@@ -1,4 +1,4 @@
-"""UDA: Unsupervised Data Augmentation (ALGORITHMS.md §4), one network.
+"""UDA: Unsupervised Data Augmentation (docs/algorithms.md, "UDA"), one network.
 
   L = CE(y_l, f(weak x_l))                                   (label smoothing)
     + w(t) · mean_i mask_i · CE(stop_grad(softmax(f(weak x_u_i) / τ)),

@@ -2,7 +2,7 @@
 
 `mlp_mnist` is the 1200-600-300-150-150 ReLU network with BatchNorm that VAT and
 the Ladder network use for permutation-invariant MNIST (the setting of the 1.36 %
-and 0.89 % results in ALGORITHMS.md §5). On CPU it is far cheaper than a CNN.
+and 0.89 % results in docs/algorithms.md, "Reference results on MNIST-100"). On CPU it is far cheaper than a CNN.
 """
 
 from typing import Any, ClassVar, Sequence
