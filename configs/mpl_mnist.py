@@ -15,14 +15,10 @@ Offline, from the four original MNIST files:
 
 Smoke variant: `--config configs/mpl_mnist.py:runlocal`.
 
-Reference details (google-research/google-research `meta_pseudo_labels`):
-weight decay on all but BatchNorm (`optimizer.decay_mask='no_bn'`, student and
-teacher: `common_utils.add_weight_decay` skips names with 'bn' / 'batch_norm',
-biases decay); the UDA mask thresholds the temperature-sharpened teacher softmax
-(`uda.mask_on='sharpened'`, `training_utils.UDA.build_uda_cross_entropy`); the
-baseline is subtracted after its update (`mpl.baseline='updated'`,
-`training_utils.MPL.step_fn`); the finetune starts from the EMA student without
-dropout (`mpl.finetune_from='ema'`, kekmodel/MPL-pytorch `main.py`).
+Reference details: as configs/mpl_cifar10_4k.py (decay_mask 'no_bn', UDA mask
+on the sharpened softmax, baseline subtracted after its update, finetune from
+the EMA student without dropout; docs/algorithms.md, "Configs and their
+references").
 """
 
 
