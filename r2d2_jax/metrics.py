@@ -124,7 +124,12 @@ def read_history(path: str) -> list[dict[str, float]]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    lines = [line for line in f.read().split("\n") if line.strip()]
+    return _parse_history(f.read(), path)
+
+
+def _parse_history(text: str, path: str) -> list[dict[str, float]]:
+  """The rows of a history file's `text` (see `read_history`; `path` for errors)."""
+  lines = [line for line in text.split("\n") if line.strip()]
   rows = []
   for i, line in enumerate(lines):
     try:
@@ -164,7 +169,7 @@ class EvalHistory:
       return
     with open(self.path) as f:
       text = f.read()
-    rows = read_history(self.path)
+    rows = _parse_history(text, self.path)
     kept = [r for r in rows if r["step"] <= step]
     body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
     if body == text:
