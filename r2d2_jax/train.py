@@ -31,80 +31,13 @@ from r2d2_jax import metrics as metrics_lib
 from r2d2_jax import models
 from r2d2_jax import optim
 from r2d2_jax import sharding
-from r2d2_jax.data import augment
 from r2d2_jax.data import pipeline as pipeline_lib
-from r2d2_jax.data import sources
+from r2d2_jax.data.views import normalize, prepare_batch, view_specs
 from r2d2_jax.errors import Preempted, R2D2Error
-from r2d2_jax.methods import Context, get_method
+from r2d2_jax.methods import HookContext, Network, Task, get_method
+from r2d2_jax.methods.base import bind
 
 PyTree = Any
-
-
-# ---------------------------------------------------------------------------
-# Views and normalisation (inside jit)
-
-
-def view_specs(views: dict[str, tuple[str, ...]],
-               augment_config: ml_collections.ConfigDict,
-               info: sources.DatasetInfo) -> dict[str, dict[str, dict]]:
-  """Turns a method's view names into augmentation specs.
-
-  A view called 'weak', 'weak_1', ... is a weak view; 'strong', 'strong_1', ...
-  strong; 'plain' is unaugmented. Their hyper-parameters come from
-  `config.data.augment.{weak,strong}`; `flip` defaults to whether the dataset
-  allows flips. Each spec is checked here (an unknown RandAugment policy, op
-  or out-of-range magnitude raises, listing the valid ones), not at the first
-  traced step.
-  """
-  out = {}
-  for stream, names in views.items():
-    out[stream] = {}
-    for name in names:
-      kind = name.split("_")[0]
-      if kind == "plain":
-        out[stream][name] = {"kind": "none"}
-        continue
-      if kind not in ("weak", "strong"):
-        raise R2D2Error(f"Unknown view {name!r}: views are weak[_k], "
-                        "strong[_k] or plain.")
-      spec = dict(augment_config.get("weak", {}))
-      if kind == "strong":
-        spec.update(dict(augment_config.get("strong", {})))
-      if spec.get("flip") is None:
-        spec["flip"] = info.flip
-      out[stream][name] = {"kind": kind, **spec}
-      try:
-        augment.view_fn(out[stream][name])
-      except (ValueError, TypeError) as e:
-        raise R2D2Error(f"config.data.augment, view {name!r}: {e}") from e
-  return out
-
-
-def normalize(images: jax.Array, info: sources.DatasetInfo) -> jax.Array:
-  """0..255 images to zero-mean unit-variance per channel, float32."""
-  mean = jnp.asarray(info.mean, jnp.float32)
-  std = jnp.asarray(info.std, jnp.float32)
-  return (images.astype(jnp.float32) - mean) / std
-
-
-def prepare_batch(batch: PyTree, key: jax.Array, step: jax.Array,
-                  specs: dict[str, dict[str, dict]],
-                  info: sources.DatasetInfo,
-                  augment_state: PyTree | None = None) -> PyTree:
-  """Augments and normalises each stream's views; keeps labels and indices.
-
-  `augment_state` is the augmentation's own state, if any (e.g. CTAugment's
-  bin weights, kept in the train state), handed to every strong view's
-  policy; None for the current policies, which read none.
-  """
-  out = {}
-  for i, (stream, views) in enumerate(specs.items()):
-    b = batch[stream]
-    imgs = augment.make_views(jax.random.fold_in(key, i), step, b["image"],
-                              b["index"], views, state=augment_state)
-    out[stream] = {k: normalize(v, info) for k, v in imgs.items()}
-    out[stream].update(label=b["label"], index=b["index"])
-  return out
 
 
 # ---------------------------------------------------------------------------
@@ -238,20 +171,24 @@ class Stage:
     self.total_steps = resolve_total_steps(config,
                                            self.pipeline.steps_per_epoch())
     tx, schedule = optim.make_optimizer(config.optimizer, self.total_steps)
-    self.ctx = Context(
-        config=config, model=model, tx=tx, schedule=schedule,
+    # Parsed and validated once: a bad hyperparameter fails here, by name.
+    self.hp = self.method.hparams(config)
+    self.net = Network(model=model, tx=tx, schedule=schedule,
+                       image_shape=self.info.image_shape,
+                       ema_decay=float(config.get("ema_decay", 0.0) or 0.0))
+    self.task = Task(
         num_classes=self.info.num_classes, num_train=self.pipeline.num_train,
-        image_shape=self.info.image_shape, total_steps=self.total_steps,
+        total_steps=self.total_steps,
         steps_per_epoch=self.pipeline.steps_per_epoch(), mesh=self.mesh,
         labeled_index=self.pipeline.split.labeled,
         unlabeled_index=self.pipeline.split.unlabeled,
         train_labels=self.pipeline.train_labels)
-    # Compiled helpers of hooks (e.g. reprediction), built on first use.
-    self.cache: dict[str, Any] = {}
+    named = dict(net=self.net, task=self.task, hp=self.hp)
+    self._method_init_from = bind(self.method.init_from, **named)
 
     key = jax.random.key(config.seed)
     self._init_key, self._step_key, self._aug_key = jax.random.split(key, 3)
-    init_fn = functools.partial(self.method.init_state, ctx=self.ctx)
+    init_fn = bind(self.method.init_state, **named)
     abstract = jax.eval_shape(init_fn, self._init_key)
     self.state_shardings = self.method.state_sharding(abstract, self.mesh)
     self.abstract_state = jax.tree.map(
@@ -259,10 +196,11 @@ class Stage:
         abstract, self.state_shardings)
     self._init = jax.jit(init_fn, out_shardings=self.state_shardings)
 
-    specs = view_specs(self.method.views(config), config.data.augment,
+    specs = view_specs(self.method.views(self.hp), config.data.augment,
                        self.info)
     self.streams = tuple(specs)
-    method, ctx, info = self.method, self.ctx, self.info
+    method, info = self.method, self.info
+    method_step = bind(method.train_step, **named)
     step_key, aug_key = self._step_key, self._aug_key
 
     def train_step(state, batch):
@@ -270,13 +208,24 @@ class Stage:
       rng = jax.random.fold_in(step_key, step)
       prepared = prepare_batch(batch, aug_key, step, specs, info,
                                augment_state=method.augment_state(state))
-      return method.train_step(state, prepared, rng, ctx=ctx)
+      return method_step(state, prepared, rng)
 
     repl = sharding.replicated(self.mesh)
     self.train_step = jax.jit(
         train_step,
         in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+
+    eval_batch_size = config.data.get("eval_batch_size", 500)
+    # What hooks see of the stage (e.g. R2-D2's reprediction).
+    self.hooks = HookContext(
+        net=self.net, task=self.task, hp=self.hp, mesh=self.mesh,
+        state_shardings=self.state_shardings, total_steps=self.total_steps,
+        log_every=_every(config, "log_every_steps", self.total_steps),
+        eval_batches=lambda split: self.pipeline.eval_batches(
+            split, eval_batch_size),
+        normalize=lambda images: normalize(images, info))
+    net = self.net
 
     top5 = info.num_classes > 5
 
@@ -287,7 +236,7 @@ class Stage:
       label = batch["label"]
       out = {"count": jnp.sum(mask)}
       for name, variables in method.eval_variables(state).items():
-        logits = ctx.apply_eval(variables, x)
+        logits = net.apply_eval(variables, x)
         correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32)
         out[f"accuracy/{name}"] = jnp.sum(correct * mask)
         if top5:
@@ -398,7 +347,7 @@ class Stage:
       if init_from:
         previous, _ = ckpt_lib.restore_raw(init_from)
         state = jax.device_put(
-            self.method.init_from(state, previous, self.ctx),
+            self._method_init_from(state, previous),
             self.state_shardings)
         logging.info("Initialised %s from %s.", stage_name or "run", init_from)
 
@@ -442,7 +391,7 @@ class Stage:
     try:
       for step in range(start + 1, total + 1):
         for hook in self.method.hooks:
-          state, hook_metrics = hook(self, state, step - 1)
+          state, hook_metrics = hook(self.hooks, state, step - 1)
           if hook_metrics:
             writer.write_scalars(step - 1, hook_metrics)
         state, m = self.train_step(state, next(batches))

@@ -1,17 +1,15 @@
-"""Registry of methods by name (`config.method`)."""
+"""Registry of methods by name (`config.method`).
 
-from r2d2_jax.errors import unknown_name
-from r2d2_jax.methods import mpl, r2d2, semimeta, supervised, uda
-from r2d2_jax.methods.base import Context, Method
+Every module of this package is imported here, and each registers its methods
+(`base.register`): adding a method is adding a file.
+"""
 
-METHODS: dict[str, Method] = {
-    m.name: m for m in (supervised.METHOD, r2d2.METHOD, r2d2.FINETUNE,
-                       mpl.METHOD, mpl.FINETUNE, uda.METHOD, semimeta.METHOD)
-}
+import importlib
+import pkgutil
 
+from r2d2_jax.methods.base import (METHODS, HookContext, Method, Network, Task,
+                                   get_method, register)
 
-def get_method(name: str) -> Method:
-  """Returns the method registered as `name`, or an error listing the valid names."""
-  if name not in METHODS:
-    raise unknown_name("method", name, METHODS)
-  return METHODS[name]
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+  if _module != "base" and not _module.startswith("_"):
+    importlib.import_module(f"{__name__}.{_module}")

@@ -467,6 +467,6 @@ def finetune_init_from(state: TrainState, previous: dict,
 # smoothing `config.label_smoothing`), started from the MPL student
 # (`previous['student']`) by `finetune_init_from`.
 FINETUNE = Method(name="mpl_finetune", views=supervised.views,
-                  init_state=supervised.init_state,
+                  init_state=supervised.default_init_state,
                   train_step=supervised.train_step,
                   init_from=finetune_init_from)

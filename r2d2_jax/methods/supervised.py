@@ -1,59 +1,67 @@
 """Supervised training on the labeled examples only: the baseline, and stage 1 of R2-D2.
 
-Loss: cross-entropy of the weakly augmented labeled batch (optional label
-smoothing, `config.label_smoothing`).
+Loss: cross-entropy of the weakly augmented labeled batch, with optional label
+smoothing (`config.label_smoothing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from r2d2_jax import losses
-from r2d2_jax.methods.base import Context, Method, step_metrics
+from r2d2_jax.methods.base import (Method, Network, check_range, default_init_state,
+                                   one_network_step, parse_block, register)
 from r2d2_jax.state import TrainState
 
 
-def views(config) -> dict[str, tuple[str, ...]]:
-  del config
+@dataclasses.dataclass(frozen=True)
+class SupervisedHparams:
+  """label_smoothing: ε of the labeled cross-entropy, in [0, 1)."""
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    check_range("label_smoothing", self.label_smoothing, 0.0, 1.0,
+                hi_open=True)
+
+
+def hparams(config) -> SupervisedHparams:
+  return parse_block(SupervisedHparams, None, "config",
+                     label_smoothing=config.get("label_smoothing"))
+
+
+def views(hp) -> dict[str, tuple[str, ...]]:
+  del hp
   return {"labeled": ("weak",)}
 
 
-def init_state(rng: jax.Array, ctx: Context) -> TrainState:
-  return ctx.init_train_state(rng)
-
-
 def cross_entropy_step(state: TrainState, x: jax.Array, labels: jax.Array,
-                       rng: jax.Array, ctx: Context,
+                       rng: jax.Array, net: Network,
                        label_smoothing: float = 0.0):
   """One optimizer step on CE(labels, f(x)); shared by every CE-only stage.
 
   Returns:
     (new state, metrics with losses/xe, losses/total, accuracy/train, lr,
-    l2_grads, l2_params).
+    l2_grads, l2_params, l2_updates).
   """
 
-  def loss_fn(params):
-    logits, model_state = ctx.apply_train(
-        {"params": params, **state.model_state}, x, rng)
-    loss = losses.cross_entropy(logits, labels,
-                                label_smoothing=label_smoothing)
-    return loss, (logits, model_state)
+  def loss_fn(logits, params):
+    del params
+    xe = losses.cross_entropy(logits[0], labels,
+                              label_smoothing=label_smoothing)
+    return xe, {"losses/xe": xe}
 
-  (loss, (logits, model_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  metrics = step_metrics(state, grads, ctx)
-  state = state.apply_gradients(grads, ctx.tx, model_state, ctx.ema_decay)
-  metrics.update({"losses/xe": loss, "losses/total": loss,
-                  "accuracy/train": losses.accuracy(logits, labels)})
-  return state, metrics
+  return one_network_step(state, [x], loss_fn, rng, net, labels=labels)
 
 
-def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
+def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
+               hp: SupervisedHparams):
   """One SGD step on CE(labels, f(weak(x_l)))."""
   return cross_entropy_step(state, batch["labeled"]["weak"],
-                            batch["labeled"]["label"], rng, ctx,
-                            ctx.config.get("label_smoothing", 0.0))
+                            batch["labeled"]["label"], rng, net,
+                            hp.label_smoothing)
 
 
-METHOD = Method(name="supervised", views=views, init_state=init_state,
-                train_step=train_step)
+METHOD = register(Method(name="supervised", hparams=hparams, views=views,
+                         train_step=train_step))

@@ -18,25 +18,72 @@ The mean is over every unlabeled row (masked rows count as zero), FixMatch's
 convention. The same loss is the auxiliary loss of the Meta Pseudo Labels
 teacher (`r2d2_jax.methods.mpl`), so it is exposed as the pure `uda_loss`.
 
-Config block (`config.uda`): weight, ramp_steps, temperature, threshold,
-label_smoothing, mask_on.
+Config block (`config.uda`, parsed into `UdaHparams`): weight, ramp_steps,
+temperature, threshold, label_smoothing, mask_on.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from r2d2_jax import losses
 from r2d2_jax import meta
 from r2d2_jax.errors import R2D2Error
-from r2d2_jax.methods.base import Context, Method, step_metrics
+from r2d2_jax.methods.base import (Method, Network, check_choice, check_range,
+                                   one_network_step, parse_block,
+                                   pseudo_label_monitors, register)
 from r2d2_jax.state import TrainState
 
 MASK_ON = ("sharpened", "unsharpened")
+
+
+@dataclasses.dataclass(frozen=True)
+class UdaHparams:
+  """The `config.uda` block (docs/algorithms.md, "UDA").
+
+  Attributes:
+    weight: λ of the consistency loss, ≥ 0.
+    temperature: τ of the targets' sharpening, > 0.
+    threshold: confidence threshold of the mask, in [0, 1].
+    ramp_steps: the weight ramps linearly from 0 over this many steps (0: none).
+    label_smoothing: on the labeled cross-entropy, in [0, 1).
+    mask_on: 'unsharpened' (the UDA code) or 'sharpened' (the MPL code).
+  """
+  weight: float
+  temperature: float
+  threshold: float
+  ramp_steps: int = 0
+  label_smoothing: float = 0.0
+  mask_on: str = "unsharpened"
+
+  def __post_init__(self):
+    check_range("weight", self.weight, 0.0)
+    check_range("temperature", self.temperature, 0.0, lo_open=True)
+    check_range("threshold", self.threshold, 0.0, 1.0)
+    check_range("ramp_steps", self.ramp_steps, 0, integer=True)
+    check_range("label_smoothing", self.label_smoothing, 0.0, 1.0,
+                hi_open=True)
+    check_choice("mask_on", self.mask_on, MASK_ON)
+
+  def weight_at(self, step: jax.Array) -> jax.Array:
+    """w(t): `weight` ramped linearly from 0 over `ramp_steps`."""
+    return self.weight * meta.linear_ramp(step, self.ramp_steps)
+
+  def loss_kwargs(self) -> dict:
+    """The static keyword arguments of `uda_loss`."""
+    return dict(temperature=self.temperature, threshold=self.threshold,
+                label_smoothing=self.label_smoothing, mask_on=self.mask_on)
+
+
+def parse_uda(config) -> UdaHparams:
+  """`config.uda` as `UdaHparams` (an error names a bad or unknown field)."""
+  if config.get("uda") is None:
+    raise R2D2Error("config.uda is missing; it needs weight, temperature and "
+                    "threshold (configs/common.py `uda_block`).")
+  return parse_block(UdaHparams, config.uda, "config.uda")
 
 
 def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
@@ -60,7 +107,8 @@ def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
       or 'sharpened' (softmax(logits_weak / τ), the MPL code).
 
   Returns:
-    (total loss, {'losses/xe', 'losses/uda', 'uda/mask'}).
+    (total loss, {'losses/xe', 'losses/xeu', 'mask'}): `mask` [B_u] is the
+    per-row mask (callers log its mean as monitors/mask).
   """
   xe = losses.cross_entropy(logits_l, labels, label_smoothing=label_smoothing)
   if mask_on not in MASK_ON:
@@ -73,34 +121,16 @@ def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
   mask = (jnp.max(confidence, -1) >= threshold).astype(logits_strong.dtype)
   consistency = losses.soft_cross_entropy(logits_strong, targets, mask)
   total = xe + weight * consistency
-  return total, {"losses/xe": xe, "losses/uda": consistency,
-                 "uda/mask": jnp.mean(mask)}
+  return total, {"losses/xe": xe, "losses/xeu": consistency, "mask": mask}
 
 
-def uda_weight(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-  """w(t): `config.uda.weight` ramped linearly from 0 over `ramp_steps`."""
-  return config.uda.weight * meta.linear_ramp(
-      step, int(config.uda.get("ramp_steps", 0) or 0))
-
-
-def uda_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The static keyword arguments of `uda_loss` from `config.uda`."""
-  return dict(temperature=config.uda.temperature,
-              threshold=config.uda.threshold,
-              label_smoothing=config.uda.get("label_smoothing", 0.0),
-              mask_on=config.uda.get("mask_on", "unsharpened") or "unsharpened")
-
-
-def views(config) -> dict[str, tuple[str, ...]]:
-  del config
+def views(hp) -> dict[str, tuple[str, ...]]:
+  del hp
   return {"labeled": ("weak",), "unlabeled": ("weak", "strong")}
 
 
-def init_state(rng: jax.Array, ctx: Context) -> TrainState:
-  return ctx.init_train_state(rng)
-
-
-def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
+def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
+               hp: UdaHparams):
   """One optimizer step on the UDA objective.
 
   The labeled, weak and strong batches go through the network in one train-mode
@@ -111,33 +141,31 @@ def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
     state: the network.
     batch: 'labeled' {'weak', 'label'}, 'unlabeled' {'weak', 'strong'}.
     rng: this step's key (dropout).
-    ctx: the stage's context.
+    net: the network.
+    hp: `config.uda`.
 
   Returns:
     (new state, metrics).
   """
   lab, unl = batch["labeled"], batch["unlabeled"]
-  n_l, n_u = lab["weak"].shape[0], unl["weak"].shape[0]
-  x = jnp.concatenate([lab["weak"], unl["weak"], unl["strong"]])
-  weight = uda_weight(state.step, ctx.config)
+  weight = hp.weight_at(state.step)
 
-  def loss_fn(params):
-    logits, model_state = ctx.apply_train(
-        {"params": params, **state.model_state}, x, rng)
-    logits_l, logits_w, logits_s = jnp.split(logits, [n_l, n_l + n_u])
+  def loss_fn(logits, params):
+    del params
+    logits_l, logits_w, logits_s = logits
     loss, aux = uda_loss(logits_l, lab["label"], logits_w, logits_s,
-                         weight=weight, **uda_kwargs(ctx.config))
-    return loss, (aux, logits_l, model_state)
+                         weight=weight, **hp.loss_kwargs())
+    mask = aux.pop("mask")
+    aux.update(pseudo_label_monitors(jax.lax.stop_gradient(logits_w),
+                                     unl["label"], mask))
+    return loss, aux
 
-  (loss, (aux, logits_l, model_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  metrics = step_metrics(state, grads, ctx)
-  state = state.apply_gradients(grads, ctx.tx, model_state, ctx.ema_decay)
-  metrics.update(aux)
-  metrics.update({"losses/total": loss, "uda/weight": weight,
-                  "accuracy/train": losses.accuracy(logits_l, lab["label"])})
+  state, metrics = one_network_step(
+      state, [lab["weak"], unl["weak"], unl["strong"]], loss_fn, rng, net,
+      labels=lab["label"])
+  metrics["monitors/weight"] = weight
   return state, metrics
 
 
-METHOD = Method(name="uda", views=views, init_state=init_state,
-                train_step=train_step)
+METHOD = register(Method(name="uda", hparams=parse_uda, views=views,
+                         train_step=train_step))
