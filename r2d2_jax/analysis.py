@@ -20,8 +20,8 @@ import numpy as np
 from r2d2_jax import checkpoint as ckpt_lib
 from r2d2_jax import metrics as metrics_lib
 from r2d2_jax import models
-from r2d2_jax import train
 from r2d2_jax.data import sources
+from r2d2_jax.data import views
 
 
 def load_variables(stage_dir: str, ema: bool = False) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def predict(config: ml_collections.ConfigDict, variables: dict[str, Any],
 
   @jax.jit
   def fwd(x):
-    return model.apply(variables, train.normalize(x, info), train=False,
+    return model.apply(variables, views.normalize(x, info), train=False,
                        return_features=True)
 
   out = [jax.device_get(fwd(jnp.asarray(images[i:i + batch_size])))

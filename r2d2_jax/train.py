@@ -31,6 +31,7 @@ from r2d2_jax import metrics as metrics_lib
 from r2d2_jax import models
 from r2d2_jax import optim
 from r2d2_jax import sharding
+from r2d2_jax.data import interface
 from r2d2_jax.data import pipeline as pipeline_lib
 from r2d2_jax.data.views import normalize, prepare_batch, view_specs
 from r2d2_jax.errors import Preempted, R2D2Error
@@ -152,7 +153,7 @@ class Stage:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                mesh: jax.sharding.Mesh | None = None,
-               pipeline: pipeline_lib.InMemoryPipeline | None = None):
+               pipeline: interface.Pipeline | None = None):
     self.config = config
     self.workdir = workdir
     self.mesh = mesh or sharding.make_mesh()
@@ -171,8 +172,6 @@ class Stage:
     self.total_steps = resolve_total_steps(config,
                                            self.pipeline.steps_per_epoch())
     tx, schedule = optim.make_optimizer(config.optimizer, self.total_steps)
-    # Parsed and validated once: a bad hyperparameter fails here, by name.
-    self.hp = self.method.hparams(config)
     self.net = Network(model=model, tx=tx, schedule=schedule,
                        image_shape=self.info.image_shape,
                        ema_decay=float(config.get("ema_decay", 0.0) or 0.0))
@@ -183,6 +182,10 @@ class Stage:
         labeled_index=self.pipeline.split.labeled,
         unlabeled_index=self.pipeline.split.unlabeled,
         train_labels=self.pipeline.train_labels)
+    # Parsed and validated once: a bad hyperparameter fails here, by name.
+    # (`hparams(config, *, task)` may read the task, e.g. total_steps for a
+    # second optimizer's schedule.)
+    self.hp = bind(self.method.hparams, task=self.task)(config)
     named = dict(net=self.net, task=self.task, hp=self.hp)
     self._method_init_from = bind(self.method.init_from, **named)
 

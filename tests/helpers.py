@@ -64,12 +64,47 @@ def tiny_mpl_config(mode: str = "first_order", h: str = "difference",
 
 def nan_method() -> methods.Method:
   """Supervised, with a NaN loss from step 3 on (registered as 'nan_at_3')."""
-  def train_step(state, batch, rng, ctx):
-    state, m = supervised.train_step(state, batch, rng, ctx)
+  def train_step(state, batch, rng, *, net, hp):
+    state, m = supervised.train_step(state, batch, rng, net=net, hp=hp)
     m["losses/total"] = jnp.where(state.step >= 3, jnp.nan, m["losses/total"])
     return state, m
-  return methods.Method(name="nan_at_3", views=supervised.views,
-                        init_state=supervised.init_state, train_step=train_step)
+  return methods.Method(name="nan_at_3", hparams=supervised.hparams,
+                        views=supervised.views, train_step=train_step)
+
+
+class StepContext:
+  """What the trainer binds into a method's functions, built by hand for tests.
+
+  `ctx.bind(fn)` is `fn` with the `net`, `task` and `hp` its signature names
+  (as `Stage` binds them); `ctx.net`, `ctx.task`, `ctx.hp`, `ctx.tx`,
+  `ctx.model`, `ctx.mesh`, `ctx.config` are the parts.
+
+  Args:
+    config: the config; `hp` is parsed from it by `config.method`'s (or
+      `method`'s) `hparams`.
+    model, tx, schedule, image_shape: the `Network`.
+    num_classes, num_train, total_steps, steps_per_epoch, mesh, and the
+      split arrays (`labeled_index`, ...): the `Task`.
+    method: the method whose hyperparameters to parse (default:
+      config.method).
+  """
+
+  def __init__(self, config, model, tx, schedule, image_shape, num_classes,
+               num_train=0, total_steps=100, steps_per_epoch=4, mesh=None,
+               method=None, **task_kwargs):
+    method = methods.get_method(method or config.method)
+    self.config, self.model, self.tx, self.mesh = config, model, tx, mesh
+    self.net = methods.Network(
+        model=model, tx=tx, schedule=schedule, image_shape=image_shape,
+        ema_decay=float(config.get("ema_decay", 0.0) or 0.0))
+    self.task = methods.Task(
+        num_classes=num_classes, num_train=num_train, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, mesh=mesh, **task_kwargs)
+    self.hp = methods.base.bind(method.hparams, task=self.task)(config)
+    self.method = method
+
+  def bind(self, fn):
+    return methods.base.bind(fn, net=self.net, task=self.task, hp=self.hp)
 
 
 def fake_splits(n_train: int = 200, n_test: int = 50, shape=(8, 8, 1),

@@ -512,12 +512,12 @@ def test_trainer_hands_the_methods_augment_state_to_the_policy(monkeypatch,
     step: jax.Array
     op: jax.Array
 
-  def init_state(rng, ctx):
-    del rng, ctx
+  def init_state(rng):
+    del rng
     return State(step=jnp.zeros((), jnp.int32), op=jnp.int32(1))
 
-  def train_step(state, batch, rng, ctx):
-    del rng, ctx
+  def train_step(state, batch, rng):
+    del rng
     return (state.replace(step=state.step + 1),
             {"strong": batch["labeled"]["strong"]})
 

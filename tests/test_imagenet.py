@@ -22,6 +22,7 @@ from configs import common
 from r2d2_jax import sharding
 from r2d2_jax.data import imagenet
 from r2d2_jax.data import pipeline as pipeline_lib
+from r2d2_jax.data import splits as splits_lib
 from r2d2_jax.errors import R2D2Error
 
 CLASS_COUNTS = (10, 12, 8, 14, 6)   # train examples of classes 0..4
@@ -171,20 +172,20 @@ def test_crops():
 
 def test_fraction_split():
   labels = np.repeat(np.arange(5), CLASS_COUNTS)
-  s = imagenet.fraction_split(labels, 1000, 0.25, seed=3)
+  s = splits_lib.fraction_split(labels, 1000, 0.25, seed=3)
   expected = [max(1, int(np.floor(0.25 * n + 0.5))) for n in CLASS_COUNTS]
   np.testing.assert_array_equal(np.bincount(labels[s.labeled], minlength=5),
                                 expected)
   np.testing.assert_array_equal(np.sort(np.r_[s.labeled, s.unlabeled]),
                                 np.arange(len(labels)))
-  again = imagenet.fraction_split(labels, 1000, 0.25, seed=3)
+  again = splits_lib.fraction_split(labels, 1000, 0.25, seed=3)
   np.testing.assert_array_equal(s.labeled, again.labeled)
-  other = imagenet.fraction_split(labels, 1000, 0.25, seed=4)
+  other = splits_lib.fraction_split(labels, 1000, 0.25, seed=4)
   assert not np.array_equal(s.labeled, other.labeled)
-  every = imagenet.fraction_split(labels, 1000, 0.25, seed=3, unlabeled="all")
+  every = splits_lib.fraction_split(labels, 1000, 0.25, seed=3, unlabeled="all")
   assert len(every.unlabeled) == len(labels)
   with pytest.raises(R2D2Error, match="labeled_fraction"):
-    imagenet.fraction_split(labels, 1000, 1.5, seed=3)
+    splits_lib.fraction_split(labels, 1000, 1.5, seed=3)
 
 
 # ---------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def _float_leaves(tree):
 def test_bf16_step_computes_network_in_bf16_and_losses_in_fp32(make_stage,
                                                                 method):
   stage = make_stage(method, "bfloat16")
-  assert stage.ctx.model.dtype == jnp.bfloat16
+  assert stage.net.model.dtype == jnp.bfloat16
   batch = stage.pipeline.global_batch(0, stage.streams)
   closed = jax.make_jaxpr(stage.train_step)(stage.abstract_state, batch)
   eqns = list(_eqns(closed.jaxpr))

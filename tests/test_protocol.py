@@ -168,7 +168,7 @@ def test_r2d2_table_never_learns_val_rows(tmp_path):
     assert len(val) == 100
     np.testing.assert_array_equal(np.asarray(state.learnable)[val], 0.0)
     np.testing.assert_array_equal(np.asarray(state.table)[val], 0.0)
-    assert not set(val) & set(stage.ctx.unlabeled_index)
+    assert not set(val) & set(stage.task.unlabeled_index)
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_eval_reports_top1_top5_xe_on_test_and_val(tmp_path):
   for split in ("test", "val"):
     x = train.normalize(jnp.asarray(images[split]), stage.info)
     for name, ema in (("raw", False), ("ema", True)):
-      logits = jax.device_get(stage.ctx.apply_eval(state.variables(ema), x))
+      logits = jax.device_get(stage.net.apply_eval(state.variables(ema), x))
       want = _numpy_eval(logits, labels[split])
       for metric, value in want.items():
         key = f"{metric}/{split}/{name}"

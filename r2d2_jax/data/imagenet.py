@@ -1,6 +1,6 @@
 """ImageNet (ILSVRC 2012) streamed from tensorflow-datasets, as global sharded batches.
 
-`StreamingPipeline` has the interface of `pipeline.InMemoryPipeline`: at each step
+`StreamingPipeline` satisfies `interface.Pipeline`, as `pipeline.InMemoryPipeline` does: at each step
 it yields
   {'labeled':   {'image': uint8 [B, S, S, 3], 'label': int32 [B], 'index': int32 [B]},
    'unlabeled': {'image': uint8 [μB, S, S, 3], ...}}
@@ -70,9 +70,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from r2d2_jax import sharding
-from r2d2_jax.data import pipeline as pipeline_lib
+from r2d2_jax.data import interface
 from r2d2_jax.data import sources
-from r2d2_jax.data import splits as splits_lib
 from r2d2_jax.errors import R2D2Error
 
 try:  # tf.data must not take accelerator memory from JAX.
@@ -140,43 +139,6 @@ def tfds_id_to_index(tfds_id: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
       summarize=3)
   with tf.control_dependencies([check]):
     return tf.gather(offsets, shard) + position
-
-
-def fraction_split(labels: np.ndarray, num_classes: int, fraction: float,
-                   seed: int, unlabeled: str = "rest",
-                   num_val: int = 0) -> splits_lib.Split:
-  """A class-balanced labeled subset holding `fraction` of each class.
-
-  Class c with n_c > 0 examples gets max(1, floor(fraction * n_c + 0.5))
-  labels, chosen by `seed` (as in ImageNet-10%); n_c counts the whole class,
-  so the labeled count does not change with `num_val`. The validation set
-  (`num_val / num_classes` per class, `splits.draw_val`) is drawn first and
-  the labels from the rest of each class; both 'rest' and 'all' exclude it.
-  """
-  if unlabeled not in ("rest", "all"):
-    raise R2D2Error(f"data.unlabeled={unlabeled!r}: use 'rest' or 'all'.")
-  if not 0.0 < fraction <= 1.0:
-    raise R2D2Error(f"data.labeled_fraction={fraction} must be in (0, 1].")
-  if seed is None:
-    raise ValueError("fraction_split needs an integer seed")
-  counts = np.bincount(labels, minlength=num_classes)
-  wanted = np.where(counts > 0,
-                    np.maximum(1, np.floor(fraction * counts + 0.5)), 0)
-  val = splits_lib.draw_val(labels, num_classes, num_val, seed,
-                            wanted.astype(np.int64),
-                            f"data.labeled_fraction={fraction}")
-  in_val = np.zeros(len(labels), bool)
-  in_val[val] = True
-  rng = np.random.default_rng(seed)
-  chosen = []
-  for c in range(num_classes):
-    members = np.flatnonzero((labels == c) & ~in_val)
-    if counts[c]:
-      chosen.append(rng.choice(members, int(wanted[c]), replace=False))
-  labeled = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
-  keep = np.flatnonzero(~in_val)
-  rest = keep if unlabeled == "all" else np.setdiff1d(keep, labeled)
-  return splits_lib.Split(labeled.astype(np.int64), rest.astype(np.int64), val)
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -405,28 +367,10 @@ class StreamingPipeline:
     self._train_labels = self._labels(cache)
 
     # The labeled / unlabeled / validation split.
-    split_seed = config.get("split_seed")
-    split_seed = seed if split_seed is None else split_seed
-    unlabeled = config.get("unlabeled", "rest")
-    num_val = int(config.get("num_val", 0) or 0)
-    fraction = config.get("labeled_fraction")
-    if fraction:
-      self.split = fraction_split(self._train_labels, base.num_classes,
-                                  float(fraction), split_seed, unlabeled,
-                                  num_val)
-      meta = dict(labeled_fraction=float(fraction))
-    else:
-      self.split = splits_lib.make_split(self._train_labels, base.num_classes,
-                                         config.num_labels, split_seed,
-                                         unlabeled, num_val)
-      meta = dict(num_labels=config.num_labels)
-    if workdir is not None:
-      splits_lib.save_or_check(
-          self.split, os.path.join(workdir, "split.json"),
-          dict(dataset=config.dataset, seed=split_seed, unlabeled=unlabeled,
-               num_val=num_val, **meta))
+    self.split = interface.split_from_config(
+        config, self._train_labels, base.num_classes, seed, workdir)
 
-    self.batch_size, self.unlabeled_batch_size = pipeline_lib.batch_sizes(
+    self.batch_size, self.unlabeled_batch_size = interface.batch_sizes(
         config, mesh)
     self._pools = {"labeled": self.split.labeled}
     if self.unlabeled_batch_size:
@@ -449,10 +393,9 @@ class StreamingPipeline:
 
   def steps_per_epoch(self, stream: str = "unlabeled") -> int:
     """Steps for one pass over a stream (unlabeled if there is one)."""
-    if stream not in self._pools:
-      stream = "labeled"
-    bs = self.batch_size if stream == "labeled" else self.unlabeled_batch_size
-    return max(1, -(-len(self._pools[stream]) // bs))
+    return interface.steps_per_epoch(
+        self._pools, {"labeled": self.batch_size,
+                      "unlabeled": self.unlabeled_batch_size}, stream)
 
   def _local(self, global_size: int) -> int:
     rows = sharding.process_slice(global_size, self.mesh)
@@ -535,7 +478,7 @@ class StreamingPipeline:
       process_count: how many processes; its rows per batch are then
         batch_size / process_count.
     """
-    pipeline_lib.check_streams(streams, self._pools, self.config)
+    interface.check_streams(streams, self._pools, self.config)
     p = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     out = {}

@@ -11,7 +11,6 @@ from (seed, k, index) (see `r2d2_jax.data.augment`).
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from typing import Any, Iterator
@@ -21,14 +20,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from r2d2_jax import sharding
+from r2d2_jax.data import interface
 from r2d2_jax.data import sampler as sampler_lib
 from r2d2_jax.data import sources
-from r2d2_jax.data import splits as splits_lib
 from r2d2_jax.errors import R2D2Error
 
 
 class InMemoryPipeline:
   """Step-indexed labeled/unlabeled batches of a dataset held in host memory.
+
+  Satisfies `interface.Pipeline`.
 
   Args:
     config: the `data` block of the config.
@@ -55,19 +56,10 @@ class InMemoryPipeline:
     if config.get("test_limit"):
       self.test = sources.ArraySplit(self.test.images[:config.test_limit],
                                      self.test.labels[:config.test_limit])
-    split_seed = config.get("split_seed")
-    split_seed = seed if split_seed is None else split_seed
-    num_val = int(config.get("num_val", 0) or 0)
-    self.split = splits_lib.make_split(
-        self.train.labels, self.info.num_classes, config.num_labels,
-        split_seed, config.get("unlabeled", "rest"), num_val)
-    if workdir is not None:
-      splits_lib.save_or_check(
-          self.split, os.path.join(workdir, "split.json"),
-          dict(dataset=config.dataset, num_labels=config.num_labels,
-               seed=split_seed, unlabeled=config.get("unlabeled", "rest"),
-               num_val=num_val))
-    self.batch_size, self.unlabeled_batch_size = batch_sizes(config, mesh)
+    self.split = interface.split_from_config(
+        config, self.train.labels, self.info.num_classes, seed, workdir)
+    self.batch_size, self.unlabeled_batch_size = interface.batch_sizes(
+        config, mesh)
     # Two independent streams; the seeds differ so their orders are unrelated.
     self._samplers = {"labeled": (self.split.labeled, sampler_lib.StepSampler(
         len(self.split.labeled), self.batch_size, seed * 2 + 1))}
@@ -89,10 +81,9 @@ class InMemoryPipeline:
 
   def steps_per_epoch(self, stream: str = "unlabeled") -> int:
     """Steps for one pass over a stream (unlabeled if there is one)."""
-    if stream not in self._samplers:
-      stream = "labeled"
-    pool, s = self._samplers[stream]
-    return max(1, -(-len(pool) // s.batch_size))
+    return interface.steps_per_epoch(
+        {k: pool for k, (pool, _) in self._samplers.items()},
+        {k: s.batch_size for k, (_, s) in self._samplers.items()}, stream)
 
   def host_batch(self, step: int, streams: tuple[str, ...] | None = None
                  ) -> dict[str, dict[str, np.ndarray]]:
@@ -120,7 +111,7 @@ class InMemoryPipeline:
   def iterate(self, start_step: int, streams: tuple[str, ...] | None = None,
               prefetch: int = 2) -> Iterator[Any]:
     """Global batches for start_step, start_step + 1, ..., built ahead in a thread."""
-    check_streams(streams, self._samplers, self.config)
+    interface.check_streams(streams, self._samplers, self.config)
     return _prefetch((self.host_batch(k, streams) for k in _count(start_step)),
                      prefetch, lambda b: sharding.to_global(b, self.mesh))
 
@@ -164,28 +155,6 @@ class InMemoryPipeline:
       yield sharding.to_global(
           {"image": data.images[idx], "label": data.labels[idx],
            "index": idx.astype(np.int32), "mask": mask}, self.mesh)
-
-
-def batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh
-                ) -> tuple[int, int]:
-  """(labeled, unlabeled) global batch sizes, each checked against the mesh."""
-  labeled = config.batch_size
-  unlabeled = int(round(config.get("uratio", 0) * config.batch_size))
-  sharding.check_batch_size("data.batch_size", labeled, mesh)
-  if unlabeled:
-    sharding.check_batch_size("data.uratio * data.batch_size", unlabeled, mesh)
-  return labeled, unlabeled
-
-
-def check_streams(streams: tuple[str, ...] | None, available,
-                  config: ml_collections.ConfigDict) -> None:
-  """Raises a readable error if a method reads a stream the config gives none of."""
-  missing = set(streams or ()) - set(available)
-  if missing:
-    raise R2D2Error(
-        f"The method reads the {sorted(missing)} stream but data.uratio="
-        f"{config.get('uratio', 0)} gives no unlabeled batch; set "
-        "data.uratio > 0.")
 
 
 def _count(start: int) -> Iterator[int]:
@@ -235,7 +204,8 @@ def make_pipeline(config: ml_collections.ConfigDict, seed: int, mesh: Mesh,
   """Builds the input pipeline of `config.dataset`.
 
   Returns an `InMemoryPipeline`, or for streamed datasets (`in_memory=False`,
-  i.e. ImageNet) an `imagenet.StreamingPipeline` with the same interface.
+  i.e. ImageNet) an `imagenet.StreamingPipeline`; both are
+  `interface.Pipeline`s.
   """
   info = sources.get_info(config.dataset)
   if not info.in_memory:

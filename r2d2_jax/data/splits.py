@@ -194,3 +194,40 @@ def save_or_check(split: Split, path: str, meta: dict) -> None:
   with open(tmp, "w") as f:
     json.dump(record, f)
   os.replace(tmp, path)
+
+
+def fraction_split(labels: np.ndarray, num_classes: int, fraction: float,
+                   seed: int, unlabeled: str = "rest",
+                   num_val: int = 0) -> Split:
+  """A class-balanced labeled subset holding `fraction` of each class.
+
+  Class c with n_c > 0 examples gets max(1, floor(fraction * n_c + 0.5))
+  labels, chosen by `seed` (as in ImageNet-10%); n_c counts the whole class,
+  so the labeled count does not change with `num_val`. The validation set
+  (`num_val / num_classes` per class, `splits.draw_val`) is drawn first and
+  the labels from the rest of each class; both 'rest' and 'all' exclude it.
+  """
+  if unlabeled not in ("rest", "all"):
+    raise R2D2Error(f"data.unlabeled={unlabeled!r}: use 'rest' or 'all'.")
+  if not 0.0 < fraction <= 1.0:
+    raise R2D2Error(f"data.labeled_fraction={fraction} must be in (0, 1].")
+  if seed is None:
+    raise ValueError("fraction_split needs an integer seed")
+  counts = np.bincount(labels, minlength=num_classes)
+  wanted = np.where(counts > 0,
+                    np.maximum(1, np.floor(fraction * counts + 0.5)), 0)
+  val = draw_val(labels, num_classes, num_val, seed,
+                            wanted.astype(np.int64),
+                            f"data.labeled_fraction={fraction}")
+  in_val = np.zeros(len(labels), bool)
+  in_val[val] = True
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in range(num_classes):
+    members = np.flatnonzero((labels == c) & ~in_val)
+    if counts[c]:
+      chosen.append(rng.choice(members, int(wanted[c]), replace=False))
+  labeled = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+  keep = np.flatnonzero(~in_val)
+  rest = keep if unlabeled == "all" else np.setdiff1d(keep, labeled)
+  return Split(labeled.astype(np.int64), rest.astype(np.int64), val)

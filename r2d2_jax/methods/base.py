@@ -3,9 +3,10 @@
 A method module builds a `Method` and registers it (`@register` or
 `register(Method(...))`); every module of `r2d2_jax.methods` is imported when
 the package is, so a new file is a new method. A `Method` has
-  hparams(config) -> hp
+  hparams(config[, *, task]) -> hp
       its typed, frozen hyperparameters, parsed and validated once when the
-      stage is built (`parse_block`: an unknown or missing key, or a value out of
+      stage is built (it may read the `Task`, e.g. `total_steps` for a second
+      optimizer's schedule) (`parse_block`: an unknown or missing key, or a value out of
       range, is an `R2D2Error` naming the field);
   views(hp) -> {'labeled': ('weak',), 'unlabeled': ('weak', 'strong')}
       which augmented views of which stream its step reads;
@@ -145,6 +146,13 @@ def bind(fn: Callable[..., Any], **available: Any) -> Callable[..., Any]:
   params = inspect.signature(fn).parameters
   if any(p.kind is p.VAR_KEYWORD for p in params.values()):
     return functools.partial(fn, **available)
+  lacking = [p.name for p in params.values()
+             if p.kind is p.KEYWORD_ONLY and p.default is p.empty and
+             p.name not in available]
+  if lacking:
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', fn)} names keyword argument(s) "
+        f"{lacking}; the trainer provides {sorted(available)}.")
   named = {k: v for k, v in available.items() if k in params}
   return functools.partial(fn, **named) if named else fn
 

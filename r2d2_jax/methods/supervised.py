@@ -11,7 +11,7 @@ import dataclasses
 import jax
 
 from r2d2_jax import losses
-from r2d2_jax.methods.base import (Method, Network, check_range, default_init_state,
+from r2d2_jax.methods.base import (Method, Network, check_range,
                                    one_network_step, parse_block, register)
 from r2d2_jax.state import TrainState
 
