@@ -47,7 +47,13 @@ import tempfile
 import time
 from typing import Any
 
-import jax
+if __package__ in (None, ""):
+  # Run as a script (`python benchmarks/method_profile.py`): the repository
+  # root, not benchmarks/, must be on the path for `benchmarks.*` imports.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
@@ -59,8 +65,9 @@ from r2d2_jax import optim
 from r2d2_jax import sharding
 from r2d2_jax import train
 from r2d2_jax.data import pipeline as pipeline_lib
-from r2d2_jax.methods import Context
+from r2d2_jax.methods import Network, Task
 from r2d2_jax.methods import r2d2
+from r2d2_jax.methods.base import bind
 
 # method -> (config module, stage of a staged config or None, where from)
 PAPER = {
@@ -205,15 +212,16 @@ def plan_table(n_devices: int, num_rows: int = IMAGENET_ROWS,
   model = models.get_model(c.model.name, num_classes)
   tx, schedule = optim.make_optimizer(c.optimizer, 1000)
   labeled = np.arange(0, num_rows, 10)
-  ctx = Context(config=c, model=model, tx=tx, schedule=schedule,
-                num_classes=num_classes, num_train=num_rows,
-                image_shape=(size, size, 3), total_steps=1000,
-                steps_per_epoch=1, mesh=_PlanningMesh(n_devices),
-                labeled_index=labeled,
-                unlabeled_index=np.setdiff1d(np.arange(num_rows), labeled),
-                train_labels=np.zeros(num_rows, np.int32))
-  abstract = jax.eval_shape(lambda k: r2d2.init_state(k, ctx),
-                            jax.random.key(0))
+  net = Network(model=model, tx=tx, schedule=schedule,
+                image_shape=(size, size, 3))
+  task = Task(num_classes=num_classes, num_train=num_rows, total_steps=1000,
+              steps_per_epoch=1, mesh=_PlanningMesh(n_devices),
+              labeled_index=labeled,
+              unlabeled_index=np.setdiff1d(np.arange(num_rows), labeled),
+              train_labels=np.zeros(num_rows, np.int32))
+  init = bind(r2d2.METHOD.init_state, net=net, task=task,
+              hp=r2d2.hparams(c))
+  abstract = jax.eval_shape(init, jax.random.key(0))
   mesh = AbstractMesh((n_devices,), (sharding.DATA,),
                       axis_types=(AxisType.Auto,))
   shardings = r2d2.state_sharding(abstract, mesh)

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from r2d2_jax import methods
 from r2d2_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,6 +19,15 @@ def _module(name):
   return importlib.import_module(f"configs.{name}")
 
 
+def _parse_hparams(cfg):
+  """The method's hyperparameters parse (no unknown key, all in range)."""
+  task = methods.Task(num_classes=10, num_train=1000,
+                      total_steps=int(cfg.get("total_steps") or 1000),
+                      steps_per_epoch=10)
+  method = methods.get_method(cfg.method)
+  return methods.base.bind(method.hparams, task=task)(cfg)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_with_command_and_runlocal(name):
   mod = _module(name)
@@ -25,9 +35,10 @@ def test_config_loads_with_command_and_runlocal(name):
   for arg in (None, "runlocal"):
     c = mod.get_config(arg)
     assert c.method and c.model.name and c.data.dataset
-    if c.get("stages"):
-      for stage in train.selected_stages(c):
-        train.stage_config(c, stage)
+    stages = ([train.stage_config(c, stage) for stage in
+               train.selected_stages(c)] if c.get("stages") else [c])
+    for cfg in stages:
+      _parse_hparams(cfg)
   with pytest.raises(ValueError, match="Unknown variant"):
     mod.get_config("nope")
 

@@ -163,7 +163,7 @@ def test_r2d2_table_never_learns_val_rows(tmp_path):
     common.r2d2_block(c)
     stage = train.Stage(c, str(tmp_path / unlabeled),
                         mesh=sharding.make_mesh(jax.devices()[:2]))
-    state = r2d2.repredict(stage, stage.init_state())
+    state = r2d2.repredict(stage.hooks, stage.init_state())
     val = stage.pipeline.split.val
     assert len(val) == 100
     np.testing.assert_array_equal(np.asarray(state.learnable)[val], 0.0)

@@ -1,8 +1,11 @@
 """R2-D2: label gradient, theorems, the sharded table, reprediction, resume."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -12,6 +15,8 @@ from r2d2_jax import checkpoint as ckpt_lib
 from r2d2_jax import sharding
 from r2d2_jax import table as table_lib
 from r2d2_jax import train
+from r2d2_jax.data import views
+from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import r2d2
 from tests import helpers
 
@@ -69,6 +74,72 @@ def test_theorem1_stationary_point_is_exponential_transform(alpha, beta):
     resid = log_q - (1 - beta / alpha) * log_p
     np.testing.assert_allclose(resid - resid.mean(-1, keepdims=True), 0.0,
                                atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters: config.r2d2, parsed once, for D2/R2 and the finetune
+
+
+FIELDS = ("alpha", "beta", "label_lr", "label_grad", "repredict_epochs",
+          "finetune_labels")
+
+
+def test_hparams_parse_the_block():
+  hp = r2d2.hparams(r2d2_config("autodiff"))
+  assert (hp.alpha, hp.beta, hp.label_lr) == (0.1, 0.03, 4000 / 512)
+  assert hp.label_grad == "autodiff" and hp.finetune_labels == "repredict"
+  assert hp.repredict_epochs == (0.0,)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    hp.alpha = 1.0  # type: ignore[misc]
+  # Optional keys take their defaults; the finetune reads the same block.
+  c = r2d2_config()
+  for k in ("label_grad", "repredict_epochs", "finetune_labels"):
+    del c.r2d2[k]
+  hp = r2d2.hparams(c)
+  assert (hp.label_grad, hp.repredict_epochs, hp.finetune_labels) == (
+      "closed_form", (), "repredict")
+  assert r2d2.FINETUNE.hparams is r2d2.METHOD.hparams
+
+
+def test_unknown_key_is_an_error_naming_it_and_the_fields():
+  c = r2d2_config()
+  c.r2d2.lambda_ = 4000.0
+  with pytest.raises(R2D2Error,
+                     match="config.r2d2: unknown key.* lambda_") as e:
+    r2d2.hparams(c)
+  for field in FIELDS:
+    assert field in str(e.value), (field, str(e.value))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("label_lr", -1.0, r"label_lr=-1.0 is outside \[0.0, inf\]"),
+    ("alpha", -0.1, r"alpha=-0.1 is outside \[0.0, inf\]"),
+    ("beta", -0.03, r"beta=-0.03 is outside \[0.0, inf\]"),
+    ("label_grad", "numeric", "label_grad='numeric'; choose one of "
+                              "'closed_form', 'autodiff'"),
+    ("finetune_labels", "argmax", "finetune_labels='argmax'; choose one of "
+                                  "'repredict', 'table'"),
+    ("repredict_epochs", (0.0, -1.0),
+     r"repredict_epochs entry=-1.0 is outside"),
+    ("repredict_epochs", 0.0, "repredict_epochs=0.0 must be a sequence"),
+    ("label_lr", "7.8", "label_lr='7.8' must be a number"),
+])
+def test_bad_value_is_an_error_naming_the_field(key, value, message):
+  c = r2d2_config()
+  # A fresh block: ConfigDict would refuse a value of another type.
+  c.r2d2 = ml_collections.ConfigDict({**c.r2d2.to_dict(), key: value})
+  with pytest.raises(R2D2Error, match=message):
+    r2d2.hparams(c)
+
+
+def test_missing_block_or_required_key_is_an_error():
+  c = r2d2_config()
+  del c.r2d2.alpha
+  with pytest.raises(R2D2Error, match="missing key.* alpha"):
+    r2d2.hparams(c)
+  c = helpers.tiny_config("r2d2")
+  with pytest.raises(R2D2Error, match="config.r2d2 is missing.*r2d2_block"):
+    r2d2.hparams(c)
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +215,7 @@ def _steps(stage, state, n):
 def test_d2_step_properties(tmp_path):
   stage = _stage(tmp_path, "a", r2d2_config(), jax.devices()[:4])
   state = stage.init_state()
-  state = r2d2.repredict(stage, state)
+  state = r2d2.repredict(stage.hooks, state)
   before = np.asarray(state.table)
   labeled = stage.pipeline.split.labeled
   labels = stage.pipeline.train.labels
@@ -177,18 +248,18 @@ def test_reprediction_touches_only_unlabeled_rows(tmp_path):
   stage = _stage(tmp_path, "a", r2d2_config(), jax.devices()[:4])
   state = stage.init_state()
   before = np.asarray(state.table)
-  state = r2d2.repredict(stage, state)
+  state = r2d2.repredict(stage.hooks, state)
   after = np.asarray(state.table)
   labeled = stage.pipeline.split.labeled
   unlabeled = stage.pipeline.split.unlabeled
   np.testing.assert_array_equal(after[labeled], before[labeled])
   assert (np.abs(after[unlabeled]).max(-1) > 0).all()
   # Padding rows past the train split stay zero.
-  np.testing.assert_array_equal(after[stage.ctx.num_train:], 0.0)
+  np.testing.assert_array_equal(after[stage.task.num_train:], 0.0)
   # The written rows are the network's eval-mode logits.
-  x = train.normalize(jnp.asarray(stage.pipeline.train.images[unlabeled[:5]]),
+  x = views.normalize(jnp.asarray(stage.pipeline.train.images[unlabeled[:5]]),
                       stage.info)
-  logits = stage.ctx.apply_eval(state.variables(), x)
+  logits = stage.net.apply_eval(state.variables(), x)
   np.testing.assert_allclose(after[unlabeled[:5]], logits, rtol=1e-4,
                              atol=1e-4)
 
@@ -198,12 +269,12 @@ def test_sharded_table_step_equals_single_device(tmp_path):
               jax.devices())
   s1 = _stage(tmp_path, "one", r2d2_config(**{"data.batch_size": 16}),
               jax.devices()[:1])
-  a, ma = _steps(s8, r2d2.repredict(s8, s8.init_state()), 2)
-  b, mb = _steps(s1, r2d2.repredict(s1, s1.init_state()), 2)
+  a, ma = _steps(s8, r2d2.repredict(s8.hooks, s8.init_state()), 2)
+  b, mb = _steps(s1, r2d2.repredict(s1.hooks, s1.init_state()), 2)
   assert len(a.table.sharding.device_set) == 8
   assert a.table.sharding.spec == P("data", None)
   assert a.table.shape[0] % 8 == 0
-  n = s1.ctx.num_train
+  n = s1.task.num_train
   chex.assert_trees_all_close(np.asarray(a.table)[:n], np.asarray(b.table)[:n],
                               rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(jax.device_get(a.params),

@@ -5,6 +5,7 @@ from typing import ClassVar
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -15,7 +16,7 @@ from r2d2_jax import methods
 from r2d2_jax import sharding
 from r2d2_jax import train
 from r2d2_jax.methods import semimeta
-from r2d2_jax.methods.base import Context
+from r2d2_jax.errors import R2D2Error
 from tests import helpers
 
 
@@ -147,10 +148,10 @@ def _bn_context(mode, meta_bn):
   cfg.semimeta = semimeta.default_block()
   cfg.semimeta.update(mode=mode, ramp_steps=0, label_lr=5.0, meta_bn=meta_bn)
   cfg.ema_decay = 0.0
-  return Context(config=cfg, model=TinyBN(), tx=optax.sgd(0.1),
-                 schedule=optax.constant_schedule(0.1), num_classes=3,
-                 num_train=0, image_shape=(2, 2, 1), total_steps=1,
-                 steps_per_epoch=1)
+  cfg.data.uratio = 1
+  return helpers.StepContext(cfg, TinyBN(), optax.sgd(0.1),
+                             optax.constant_schedule(0.1), (2, 2, 1),
+                             num_classes=3, total_steps=1, steps_per_epoch=1)
 
 
 @pytest.mark.parametrize("meta_bn", ["eval", "train"])
@@ -164,16 +165,17 @@ def test_meta_step_leaves_batch_norm_statistics_alone(meta_bn):
   results = {}
   for mode in ("exact", "first_order"):
     ctx = _bn_context(mode, meta_bn)
-    state = ctx.init_train_state(jax.random.key(0))
-    step = jax.jit(lambda s, b, k, ctx=ctx: semimeta.train_step(s, b, k, ctx))
+    state = ctx.net.init_train_state(jax.random.key(0))
+    step = jax.jit(ctx.bind(semimeta.train_step))
     new, m = step(state, batch, key)
     # The final loss's forwards alone: mixed images (their mix does not depend
     # on the targets), then the unlabeled images.
     keys = semimeta.step_keys(key)
     dummy = jnp.zeros((4, 3))
     x_mix, _ = semimeta.mixup(keys["mix"], x_l, dummy, x_u, dummy, 1.0)
-    _, ms = ctx.apply_train(state.variables(), x_mix, keys["forward_mix"])
-    _, ms = ctx.apply_train({"params": state.params, **ms}, x_u,
+    _, ms = ctx.net.apply_train(state.variables(), x_mix,
+                                keys["forward_mix"])
+    _, ms = ctx.net.apply_train({"params": state.params, **ms}, x_u,
                             keys["forward_unlabeled"])
     chex.assert_trees_all_close(new.model_state, ms, rtol=1e-6, atol=1e-7)
     # The statistics did move, so the comparison is not vacuous.
@@ -221,9 +223,8 @@ def _semimeta_config(mode="first_order"):
   return c
 
 
-def test_sharded_step_equals_single_device_without_recompiling(
-    tmp_path, monkeypatch):
-  monkeypatch.setitem(methods.METHODS, "semimeta", semimeta.METHOD)
+def test_sharded_step_equals_single_device_without_recompiling(tmp_path):
+  assert methods.get_method("semimeta") is semimeta.METHOD
   results = []
   for name, n_dev in (("four", 4), ("one", 1)):
     devices = jax.devices()[:n_dev]
@@ -250,6 +251,77 @@ def test_sharded_step_equals_single_device_without_recompiling(
   for m in m4:
     assert float(m["semimeta/label_change"]) > 0
     assert 0 <= float(m["pseudo_labels/accuracy"]) <= 1
+    assert m["monitors/pseudo_label_accuracy"] == m["pseudo_labels/accuracy"]
+    assert m["losses/xeu"] == m["losses/consistency"]
     for k in ("losses/xe", "losses/consistency", "losses/total", "lr",
-              "l2_grads", "l2_params"):
+              "l2_grads", "l2_params", "l2_updates"):
       assert np.isfinite(m[k]), k
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters: config.semimeta, parsed once
+
+
+FIELDS = ("mode", "inner_lr", "label_lr", "mixup_alpha", "weight",
+          "ramp_steps", "meta_bn")
+
+
+def test_hparams_defaults_are_the_reference_block():
+  c = _semimeta_config()
+  c.semimeta = semimeta.default_block()
+  hp = semimeta.hparams(c)
+  assert hp == semimeta.SemiMetaHparams()
+  assert (hp.mode, hp.inner_lr, hp.label_lr, hp.mixup_alpha, hp.weight,
+          hp.ramp_steps, hp.meta_bn) == ("first_order", None, 1.0, 1.0, 1.0,
+                                         4000, "eval")
+  # No block, or a partial one: the defaults fill in.
+  del c.semimeta
+  assert semimeta.hparams(c) == hp
+  c.semimeta = ml_collections.ConfigDict(dict(mode="exact", inner_lr=0.5))
+  assert semimeta.hparams(c) == semimeta.SemiMetaHparams(mode="exact",
+                                                         inner_lr=0.5)
+  # inner_lr is a float field of the block holding None: a config may set a
+  # number (cast to float), not a string.
+  c.semimeta = semimeta.default_block()
+  c.semimeta.inner_lr = 1
+  inner_lr = semimeta.hparams(c).inner_lr
+  assert inner_lr == 1.0 and isinstance(inner_lr, float)
+  with pytest.raises(TypeError, match="inner_lr"):
+    c.semimeta.inner_lr = "fast"
+
+
+def test_unknown_key_is_an_error_naming_it_and_the_fields():
+  c = _semimeta_config()
+  c.semimeta.beta = 1.0
+  with pytest.raises(R2D2Error,
+                     match="config.semimeta: unknown key.* beta") as e:
+    semimeta.hparams(c)
+  for field in FIELDS:
+    assert field in str(e.value), (field, str(e.value))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("label_lr", -1.0, r"label_lr=-1.0 is outside \[0.0, inf\]"),
+    ("inner_lr", -0.1, r"inner_lr=-0.1 is outside \[0.0, inf\]"),
+    ("mixup_alpha", -1.0, r"mixup_alpha=-1.0 is outside"),
+    ("weight", -1.0, r"weight=-1.0 is outside"),
+    ("ramp_steps", -1, r"ramp_steps=-1 is outside"),
+    ("ramp_steps", 2.5, r"ramp_steps=2.5 must be an integer"),
+    ("mode", "second_order", "mode='second_order'; choose one of 'exact', "
+                             "'first_order'"),
+    ("meta_bn", "frozen", "meta_bn='frozen'; choose one of 'eval', 'train'"),
+])
+def test_bad_value_is_an_error_naming_the_field(key, value, message):
+  c = _semimeta_config()
+  # A fresh block: ConfigDict would refuse a value of another type.
+  c.semimeta = ml_collections.ConfigDict({**c.semimeta.to_dict(), key: value})
+  with pytest.raises(R2D2Error, match=message):
+    semimeta.hparams(c)
+
+
+@pytest.mark.parametrize("uratio", [0, None])
+def test_no_unlabeled_data_is_an_error(uratio):
+  c = _semimeta_config()
+  c.data.uratio = uratio
+  with pytest.raises(R2D2Error, match="uratio >= 1"):
+    semimeta.hparams(c)

@@ -1,8 +1,8 @@
 """R2-D2: Deep Decipher (D2) and Repetitive Reprediction (R2).
 
-The network θ and a table Y of pseudo-label logits (one row per training image)
-are trained together by back-propagation. On a mixed batch of labeled and
-unlabeled images with rows I:
+docs/algorithms.md, "R2-D2". The network θ and a table Y of pseudo-label
+logits (one row per training image) are trained together by back-propagation.
+On a mixed batch of labeled and unlabeled images with rows I:
 
   p = softmax(f(x_I; θ))     (train mode, weak augmentation)
   q = softmax(Y[I])
@@ -39,10 +39,14 @@ with the hard label argmax Y (the table frozen). Which Y, by
   'table' the table as the R2 stage left it (its last D2 updates included).
 Missing key: 'repredict'. The repredicted table is checkpointed with the state,
 so a resumed finetune trains on the same labels.
+
+Config block (`config.r2d2`, parsed into `R2D2Hparams` by every R2-D2 stage):
+alpha, beta, label_lr, label_grad, repredict_epochs, finetune_labels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -54,12 +58,16 @@ from r2d2_jax import losses
 from r2d2_jax import table as table_lib
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import supervised
-from r2d2_jax.methods.base import (Context, Method, copy_network,
-                                   replicate_all, step_metrics)
+from r2d2_jax.methods.base import (HookContext, Method, Network, Task,
+                                   check_choice, check_range, copy_network,
+                                   one_network_step, parse_block,
+                                   pseudo_label_monitors, register,
+                                   replicate_all)
 from r2d2_jax.state import TrainState
 
 LABELED_LOGIT = 10.0
 FINETUNE_LABELS = ("repredict", "table")
+LABEL_GRADS = ("closed_form", "autodiff")
 
 
 class R2D2State(TrainState):
@@ -73,6 +81,55 @@ class R2D2State(TrainState):
   """
   table: jax.Array
   learnable: jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclasses.dataclass(frozen=True)
+class R2D2Hparams:
+  """The `config.r2d2` block (docs/algorithms.md, "R2-D2").
+
+  Attributes:
+    alpha: α, weight of KL(p ‖ q), ≥ 0.
+    beta: β, weight of the entropy H(p), ≥ 0 (the paper: β/α < 1).
+    label_lr: the label step per visit is label_lr·α·(q − p) (λ/n of the
+      paper), ≥ 0.
+    label_grad: 'closed_form' (α/n)(q − p), or 'autodiff' (jax.grad of the
+      loss w.r.t. the gathered rows; the same gradient).
+    repredict_epochs: epochs of the stage (≥ 0) before which the learnable rows
+      are repredicted.
+    finetune_labels: 'repredict' or 'table', the finetune stage's labels.
+  """
+  alpha: float
+  beta: float
+  label_lr: float
+  label_grad: str = "closed_form"
+  repredict_epochs: tuple[float, ...] = ()
+  finetune_labels: str = "repredict"
+
+  def __post_init__(self):
+    check_range("alpha", self.alpha, 0.0)
+    check_range("beta", self.beta, 0.0)
+    check_range("label_lr", self.label_lr, 0.0)
+    check_choice("label_grad", self.label_grad, LABEL_GRADS)
+    check_choice("finetune_labels", self.finetune_labels, FINETUNE_LABELS)
+    epochs = self.repredict_epochs
+    if not isinstance(epochs, (tuple, list)):
+      raise ValueError(f"repredict_epochs={epochs!r} must be a sequence of "
+                       "epochs ≥ 0, e.g. (0,).")
+    for e in epochs:
+      check_range("repredict_epochs entry", e, 0.0)
+    object.__setattr__(self, "repredict_epochs", tuple(epochs))
+
+
+def hparams(config) -> R2D2Hparams:
+  """`config.r2d2` as `R2D2Hparams` (an error names a bad or unknown field)."""
+  if config.get("r2d2") is None:
+    raise R2D2Error("config.r2d2 is missing; it needs alpha, beta and "
+                    "label_lr (configs/common.py `r2d2_block`).")
+  return parse_block(R2D2Hparams, config.r2d2, "config.r2d2")
 
 
 # ---------------------------------------------------------------------------
@@ -105,20 +162,16 @@ def label_grad_autodiff(logits: jax.Array, rows: jax.Array, alpha: float,
 # State
 
 
-def _table_rows(ctx: Context) -> int:
-  return table_lib.padded_rows(ctx.num_train, ctx.mesh)
-
-
-def init_state(rng: jax.Array, ctx: Context) -> R2D2State:
+def init_state(rng: jax.Array, *, net: Network, task: Task) -> R2D2State:
   """Network as usual; table zeros with the labeled rows fixed at logit 10."""
-  base = ctx.init_train_state(rng)
-  n_rows = _table_rows(ctx)
-  labeled = np.asarray(ctx.labeled_index)
+  base = net.init_train_state(rng)
+  n_rows = table_lib.padded_rows(task.num_train, task.mesh)
+  labeled = np.asarray(task.labeled_index)
   learn = np.zeros(n_rows, np.float32)
-  learn[np.asarray(ctx.unlabeled_index)] = 1.0
+  learn[np.asarray(task.unlabeled_index)] = 1.0
   learn[labeled] = 0.0
-  table = jnp.zeros((n_rows, ctx.num_classes), jnp.float32)
-  labels = jnp.asarray(ctx.train_labels[labeled])
+  table = jnp.zeros((n_rows, task.num_classes), jnp.float32)
+  labels = jnp.asarray(task.train_labels[labeled])
   table = table.at[jnp.asarray(labeled), labels].set(LABELED_LOGIT)
   return R2D2State(**{f: getattr(base, f) for f in base.__dataclass_fields__},
                    table=table, learnable=jnp.asarray(learn))
@@ -132,9 +185,9 @@ def state_sharding(abstract_state: R2D2State, mesh) -> Any:
       learnable=NamedSharding(mesh, table_lib.ROW_SPEC))
 
 
-def init_from(state: R2D2State, previous: dict, ctx: Context) -> R2D2State:
+def init_from(state: R2D2State, previous: dict) -> R2D2State:
   """Network from the previous stage; its table too if it had one (D2 → R2)."""
-  state = copy_network(state, previous, ctx)
+  state = copy_network(state, previous)
   if "table" in previous:
     prev = np.asarray(previous["table"])
     if prev.shape != state.table.shape:
@@ -149,50 +202,66 @@ def init_from(state: R2D2State, previous: dict, ctx: Context) -> R2D2State:
 # D2 step
 
 
-def views(config) -> dict[str, tuple[str, ...]]:
-  del config
+def views(hp: R2D2Hparams) -> dict[str, tuple[str, ...]]:
+  del hp
   return {"labeled": ("weak",), "unlabeled": ("weak",)}
 
 
-def train_step(state: R2D2State, batch, rng: jax.Array, ctx: Context):
-  """One D2 step: the network by its optimizer, the batch's table rows by SGD."""
-  cfg = ctx.config.r2d2
-  alpha, beta = cfg.alpha, cfg.beta
+def train_step(state: R2D2State, batch, rng: jax.Array, *, net: Network,
+               task: Task, hp: R2D2Hparams):
+  """One D2 step: the network by its optimizer, the batch's table rows by SGD.
+
+  The labeled and unlabeled images go through the network in one train-mode
+  forward pass (`one_network_step`); the label step reads its stop-gradient
+  logits.
+
+  Args:
+    state: the network and the table.
+    batch: 'labeled' and 'unlabeled' {'weak', 'label', 'index'}.
+    rng: this step's key (dropout).
+    net: the network.
+    task: its mesh shards the table.
+    hp: `config.r2d2`.
+
+  Returns:
+    (new state, metrics).
+  """
+  alpha, beta = hp.alpha, hp.beta
   lab, unl = batch["labeled"], batch["unlabeled"]
-  x = jnp.concatenate([lab["weak"], unl["weak"]])
   idx = jnp.concatenate([lab["index"], unl["index"]])
-  rows = table_lib.gather_rows(state.table, idx, ctx.mesh)
+  rows = table_lib.gather_rows(state.table, idx, task.mesh)
 
-  def loss_fn(params):
-    logits, model_state = ctx.apply_train(
-        {"params": params, **state.model_state}, x, rng)
-    return d2_loss(logits, rows, alpha, beta), (logits, model_state)
+  def loss_fn(logits, params):
+    del params
+    logits = jnp.concatenate(logits)
+    aux = {"losses/kl": losses.kl_divergence(logits, rows),
+           "losses/entropy": losses.entropy(logits),
+           "_logits": jax.lax.stop_gradient(logits)}
+    return d2_loss(logits, rows, alpha, beta), aux
 
-  (loss, (logits, model_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  logits = jax.lax.stop_gradient(logits)
-  if cfg.get("label_grad", "closed_form") == "autodiff":
+  new_state, metrics = one_network_step(
+      state, [lab["weak"], unl["weak"]], loss_fn, rng, net,
+      labels=lab["label"])
+  logits = metrics.pop("_logits")
+  if hp.label_grad == "autodiff":
     g_rows = label_grad_autodiff(logits, rows, alpha, beta)
   else:
     g_rows = label_grad_closed_form(logits, rows, alpha)
-  n = x.shape[0]
-  learn = table_lib.gather_rows(state.learnable, idx, ctx.mesh)
-  delta = -cfg.label_lr * n * g_rows * learn[:, None]
-  metrics = step_metrics(state, grads, ctx)
-  new_state = state.apply_gradients(grads, ctx.tx, model_state, ctx.ema_decay)
+  n = logits.shape[0]
+  learn = table_lib.gather_rows(state.learnable, idx, task.mesh)
+  delta = -hp.label_lr * n * g_rows * learn[:, None]
   new_state = new_state.replace(
-      table=table_lib.scatter_add_rows(state.table, idx, delta, ctx.mesh))
+      table=table_lib.scatter_add_rows(state.table, idx, delta, task.mesh))
 
   n_lab = lab["weak"].shape[0]
   p = jax.nn.softmax(logits)
   q_u = jax.nn.softmax(rows[n_lab:])
+  # Diagnostics only: the unlabeled labels never enter the loss.
+  monitors = pseudo_label_monitors(rows[n_lab:], unl["label"])
+  metrics.update(monitors)
   metrics.update({
-      "losses/total": loss,
-      "losses/kl": losses.kl_divergence(logits, rows),
-      "losses/entropy": losses.entropy(logits),
-      "accuracy/train": losses.accuracy(logits[:n_lab], lab["label"]),
-      "pseudo_labels/batch_accuracy": losses.accuracy(rows[n_lab:],
-                                                      unl["label"]),
+      "pseudo_labels/batch_accuracy":
+          monitors["monitors/pseudo_label_accuracy"],
       "pseudo_labels/batch_max_prob": jnp.mean(jnp.max(q_u, -1)),
       "pseudo_labels/l2_step": jnp.sqrt(jnp.mean(jnp.sum(delta ** 2, -1))),
       "monitors/prediction_max_prob": jnp.mean(jnp.max(p, -1)),
@@ -204,52 +273,42 @@ def train_step(state: R2D2State, batch, rng: jax.Array, ctx: Context):
 # Hooks: reprediction and whole-table diagnostics
 
 
-def repredict_steps(config, steps_per_epoch: int) -> set[int]:
-  """Steps (before which) the table is repredicted, from epochs in the config."""
-  return {int(round(e * steps_per_epoch))
-          for e in config.r2d2.get("repredict_epochs", ())}
+def repredict_steps(hp: R2D2Hparams, steps_per_epoch: int) -> set[int]:
+  """Steps before which the table is repredicted (`hp.repredict_epochs`)."""
+  return {int(round(e * steps_per_epoch)) for e in hp.repredict_epochs}
 
 
-def _compiled(stage, name: str, build):
-  if name not in stage.cache:
-    stage.cache[name] = build()
-  return stage.cache[name]
-
-
-def repredict(stage, state: R2D2State) -> R2D2State:
+def repredict(hooks: HookContext, state: R2D2State) -> R2D2State:
   """Overwrites the learnable rows with the network's logits (eval mode).
 
   Uses the raw weights (not the EMA), with BatchNorm running statistics and no
   augmentation, over the whole train split.
   """
-  ctx, mesh = stage.ctx, stage.mesh
-  from r2d2_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  net, mesh, normalize = hooks.net, hooks.mesh, hooks.normalize
 
   def build():
     def write(state, batch):
-      x = train_lib.normalize(batch["image"], stage.info)
-      logits = ctx.apply_eval(state.variables(), x)
+      logits = net.apply_eval(state.variables(), normalize(batch["image"]))
       learn = table_lib.gather_rows(state.learnable, batch["index"], mesh)
       ok = batch["mask"] & (learn > 0)
       return state.replace(table=table_lib.set_rows(
           state.table, batch["index"], logits, ok, mesh))
     return jax.jit(write, donate_argnums=(0,),
-                   out_shardings=stage.state_shardings)
+                   out_shardings=hooks.state_shardings)
 
-  write = _compiled(stage, "r2d2/repredict", build)
-  for batch in stage.pipeline.eval_batches(
-      "train", stage.config.data.get("eval_batch_size", 500)):
+  write = hooks.compiled("r2d2/repredict", build)
+  for batch in hooks.eval_batches("train"):
     state = write(state, batch)
   return state
 
 
-def table_stats(stage, state: R2D2State) -> dict[str, float]:
+def table_stats(hooks: HookContext, state: R2D2State) -> dict[str, float]:
   """Accuracy, mean entropy and mean max probability of softmax(Y) on learnable rows."""
-  mesh = stage.mesh
+  mesh, task = hooks.mesh, hooks.task
 
   def build():
     labels = np.zeros(state.table.shape[0], np.int32)
-    labels[:stage.ctx.num_train] = stage.ctx.train_labels
+    labels[:task.num_train] = task.train_labels
     labels = jax.device_put(labels, NamedSharding(mesh, table_lib.ROW_SPEC))
 
     # The labels are an argument, not a constant: a jitted function may not
@@ -265,86 +324,79 @@ def table_stats(stage, state: R2D2State) -> dict[str, float]:
     fn = jax.jit(stats, out_shardings=NamedSharding(mesh, P()))
     return lambda table, learnable: fn(table, learnable, labels)
 
-  fn = _compiled(stage, "r2d2/stats", build)
+  fn = hooks.compiled("r2d2/stats", build)
   return {k: float(v) for k, v in
           jax.device_get(fn(state.table, state.learnable)).items()}
 
 
-def r2d2_hook(stage, state: R2D2State, step: int):
-  """Before step `step`: repredict if scheduled; log table statistics."""
-  metrics = {}
-  every = int(stage.config.get("log_every_steps", 0) or stage.total_steps)
-  if step in repredict_steps(stage.config, stage.ctx.steps_per_epoch):
-    before = table_stats(stage, state)
-    state = repredict(stage, state)
-    after = table_stats(stage, state)
-    metrics.update({f"{k}_before_repredict": v for k, v in before.items()})
-    metrics.update(after)
-    metrics["r2d2/repredicted"] = 1.0
-  elif step % every == 0:
-    metrics.update(table_stats(stage, state))
+def _repredict_logged(hooks: HookContext, state: R2D2State
+                      ) -> tuple[R2D2State, dict[str, float]]:
+  before = table_stats(hooks, state)
+  state = repredict(hooks, state)
+  metrics = {f"{k}_before_repredict": v for k, v in before.items()}
+  metrics.update(table_stats(hooks, state))
+  metrics["r2d2/repredicted"] = 1.0
   return state, metrics
 
 
-METHOD = Method(name="r2d2", views=views, init_state=init_state,
-                train_step=train_step, state_sharding=state_sharding,
-                init_from=init_from, hooks=(r2d2_hook,))
+def r2d2_hook(hooks: HookContext, state: R2D2State, step: int):
+  """Before step `step`: repredict if scheduled; log table statistics."""
+  if step in repredict_steps(hooks.hp, hooks.task.steps_per_epoch):
+    return _repredict_logged(hooks, state)
+  if step % hooks.log_every == 0:
+    return state, table_stats(hooks, state)
+  return state, {}
+
+
+METHOD = register(Method(
+    name="r2d2", hparams=hparams, views=views, init_state=init_state,
+    train_step=train_step, state_sharding=state_sharding, init_from=init_from,
+    hooks=(r2d2_hook,)))
 
 
 # ---------------------------------------------------------------------------
 # Finetune on argmax Y
 
 
-def finetune_views(config) -> dict[str, tuple[str, ...]]:
-  del config
+def finetune_views(hp: R2D2Hparams) -> dict[str, tuple[str, ...]]:
+  del hp
   return {"unlabeled": ("weak",)}
 
 
-def finetune_step(state: R2D2State, batch, rng: jax.Array, ctx: Context):
+def finetune_step(state: R2D2State, batch, rng: jax.Array, *, net: Network,
+                  task: Task):
   """CE on every training image with label argmax Y[i] (Y frozen)."""
   b = batch["unlabeled"]
-  target = jnp.argmax(table_lib.gather_rows(state.table, b["index"], ctx.mesh),
+  target = jnp.argmax(table_lib.gather_rows(state.table, b["index"], task.mesh),
                       -1)
   state, metrics = supervised.cross_entropy_step(state, b["weak"], target, rng,
-                                                 ctx)
-  metrics["pseudo_labels/batch_accuracy"] = jnp.mean(
-      (target == b["label"]).astype(jnp.float32))
+                                                 net)
+  # Diagnostics only: how often argmax Y is the hidden true label.
+  monitors = pseudo_label_monitors(target, b["label"])
+  metrics.update(monitors)
+  metrics["pseudo_labels/batch_accuracy"] = monitors[
+      "monitors/pseudo_label_accuracy"]
   return state, metrics
 
 
-def finetune_labels(config) -> str:
-  """`config.r2d2.finetune_labels`, validated ('repredict' if missing)."""
-  block = config.get("r2d2") or {}
-  name = block.get("finetune_labels", "repredict") or "repredict"
-  if name not in FINETUNE_LABELS:
-    raise R2D2Error(f"Unknown r2d2.finetune_labels {name!r}. Valid values: "
-                    f"{', '.join(FINETUNE_LABELS)}.")
-  return name
-
-
-def finetune_hook(stage, state: R2D2State, step: int):
-  """Before finetune step 0: repredict the table if `finetune_labels` says so."""
-  if step != 0 or finetune_labels(stage.config) != "repredict":
+def finetune_hook(hooks: HookContext, state: R2D2State, step: int):
+  """Before finetune step 0: repredict the table if `finetune_labels` asks."""
+  if step != 0 or hooks.hp.finetune_labels != "repredict":
     return state, None
-  before = table_stats(stage, state)
-  state = repredict(stage, state)
-  metrics = {f"{k}_before_repredict": v for k, v in before.items()}
-  metrics.update(table_stats(stage, state))
-  metrics["r2d2/repredicted"] = 1.0
-  return state, metrics
+  return _repredict_logged(hooks, state)
 
 
-def _finetune_init_from(state: R2D2State, previous: dict,
-                        ctx: Context) -> R2D2State:
-  finetune_labels(ctx.config)
+def finetune_init_from(state: R2D2State, previous: dict) -> R2D2State:
+  """The R2 stage's network and table (an error if it has no table)."""
   if "table" not in previous:
     raise R2D2Error(
         "r2d2_finetune starts from an R2-D2 stage (it needs the pseudo-label "
         "table); init_from points at a checkpoint without one.")
-  return init_from(state, previous, ctx)
+  return init_from(state, previous)
 
 
-FINETUNE = Method(name="r2d2_finetune", views=finetune_views,
-                  init_state=init_state, train_step=finetune_step,
-                  state_sharding=state_sharding, init_from=_finetune_init_from,
-                  hooks=(finetune_hook,))
+FINETUNE = register(Method(
+    name="r2d2_finetune", hparams=hparams, views=finetune_views,
+    init_state=init_state, train_step=finetune_step,
+    state_sharding=state_sharding, init_from=finetune_init_from,
+    hooks=(finetune_hook,)))

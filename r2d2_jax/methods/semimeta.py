@@ -56,10 +56,18 @@ labeled batch is tiled when uratio > 1), and the mixed target is
 λ_i onehot(y_l_i) + (1 − λ_i) ŷ_i. The reference's KL(batchmean) and our soft
 CE differ by the targets' entropy, a constant in θ: the gradients are equal.
 `mixup_alpha = 0` turns mixup off (plain CE on the labeled batch).
+
+Config block (`config.semimeta`, parsed into `SemiMetaHparams`; a missing key
+takes the reference's value, `default_block()`): mode, inner_lr, label_lr,
+mixup_alpha, weight, ramp_steps, meta_bn. `config.data.uratio` must be ≥ 1.
+Metrics: losses/xe (the mixup CE), losses/xeu = losses/consistency (L_u(θ, ŷ)),
+monitors/pseudo_label_accuracy = pseudo_labels/accuracy (argmax ŷ against the
+hidden labels), pseudo_labels/accuracy_before (argmax ỹ), semimeta/*.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -69,32 +77,75 @@ import ml_collections
 from r2d2_jax import losses
 from r2d2_jax import meta
 from r2d2_jax.errors import R2D2Error
-from r2d2_jax.methods.base import Context, Method, step_metrics
+from r2d2_jax.methods.base import (Method, Network, Task, check_choice,
+                                   check_range, parse_block,
+                                   pseudo_label_monitors, register,
+                                   step_metrics)
 from r2d2_jax.state import TrainState
 
 PyTree = Any
 LogitsFn = Callable[[PyTree], jax.Array]
 
 MODES = ("exact", "first_order")
+META_BN = ("eval", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiMetaHparams:
+  """The `config.semimeta` block; defaults: the reference's CIFAR-10 values.
+
+  Attributes:
+    mode: 'first_order' (one jvp) or 'exact' (grad through the inner step).
+    inner_lr: α of the inner step, ≥ 0; None = the current learning rate.
+    label_lr: per-row label step, ≥ 0; ŷ = ỹ − label_lr · n · g_y
+      (1 = reference).
+    mixup_alpha: a of Beta(a, a), ≥ 0; 0 disables mixup.
+    weight: final weight of L_u(θ, ŷ), ≥ 0.
+    ramp_steps: steps of the linear 0 → weight ramp (0: none).
+    meta_bn: 'eval' (the reference) or 'train' mode for the meta forwards.
+  """
+  mode: str = "first_order"
+  inner_lr: float | None = None
+  label_lr: float = 1.0
+  mixup_alpha: float = 1.0
+  weight: float = 1.0
+  ramp_steps: int = 4000
+  meta_bn: str = "eval"
+
+  def __post_init__(self):
+    check_choice("mode", self.mode, MODES)
+    if self.inner_lr is not None:
+      check_range("inner_lr", self.inner_lr, 0.0)
+    check_range("label_lr", self.label_lr, 0.0)
+    check_range("mixup_alpha", self.mixup_alpha, 0.0)
+    check_range("weight", self.weight, 0.0)
+    check_range("ramp_steps", self.ramp_steps, 0, integer=True)
+    check_choice("meta_bn", self.meta_bn, META_BN)
 
 
 def default_block() -> ml_collections.ConfigDict:
-  """The `config.semimeta` block with the reference's CIFAR-10 values.
+  """`config.semimeta` with `SemiMetaHparams`' defaults (the reference's).
 
-  Returns:
-    mode: 'first_order' (one jvp) or 'exact' (grad through the inner step).
-    inner_lr: α of the inner step; None = the current learning rate.
-    label_lr: per-row label step; ŷ = ỹ − label_lr · n · g_y (1 = reference).
-    mixup_alpha: a of Beta(a, a); 0 disables mixup.
-    weight: final weight of L_u(θ, ŷ).
-    ramp_steps: steps of the linear 0 → weight ramp.
-    meta_bn: 'train' or 'eval' mode for the meta forwards.
+  `inner_lr` is a float field holding None (the current learning rate), so a
+  config may set it to a number.
   """
-  return ml_collections.ConfigDict(dict(
-      mode="first_order",
-      inner_lr=ml_collections.FieldReference(None, field_type=float),
-      label_lr=1.0, mixup_alpha=1.0, weight=1.0, ramp_steps=4000,
-      meta_bn="eval"))
+  block = {f.name: f.default for f in dataclasses.fields(SemiMetaHparams)}
+  block["inner_lr"] = ml_collections.FieldReference(None, field_type=float)
+  return ml_collections.ConfigDict(block)
+
+
+def hparams(config) -> SemiMetaHparams:
+  """`config.semimeta` as `SemiMetaHparams` (missing keys: the defaults).
+
+  Raises:
+    R2D2Error: an unknown key or a bad value (naming the field), or no
+      unlabeled data (`config.data.uratio` < 1).
+  """
+  if int(config.data.get("uratio", 0) or 0) < 1:
+    raise R2D2Error("semimeta needs unlabeled data: set config.data.uratio "
+                    ">= 1 (the reference uses 1: 128 labeled + 128 unlabeled).")
+  return parse_block(SemiMetaHparams, config.get("semimeta"),
+                     "config.semimeta")
 
 
 # ---------------------------------------------------------------------------
@@ -219,51 +270,50 @@ def step_keys(rng: jax.Array) -> dict[str, jax.Array]:
 # The method
 
 
-def views(config) -> dict[str, tuple[str, ...]]:
+def views(hp: SemiMetaHparams) -> dict[str, tuple[str, ...]]:
   """Standard (weak) augmentation on both streams, as the reference."""
-  if int(config.data.get("uratio", 0) or 0) < 1:
-    raise R2D2Error("semimeta needs unlabeled data: set config.data.uratio "
-                    ">= 1 (the reference uses 1: 128 labeled + 128 unlabeled).")
+  del hp
   return {"labeled": ("weak",), "unlabeled": ("weak",)}
 
 
-def init_state(rng: jax.Array, ctx: Context) -> TrainState:
-  return ctx.init_train_state(rng)
+def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
+               task: Task, hp: SemiMetaHparams):
+  """One SemiMeta step: meta-update the batch's pseudo-labels, then θ.
 
+  Not `one_network_step`: the final loss takes two train-mode forwards (mixed
+  images, then unlabeled images, as the reference), the second one starting
+  from the BatchNorm statistics the first one updated.
 
-def _config(ctx: Context) -> ml_collections.ConfigDict:
-  block = default_block()
-  block.update(dict(ctx.config.get("semimeta", {})))
-  if block.mode not in MODES:
-    raise R2D2Error(f"config.semimeta.mode is {block.mode!r}; use one of "
-                    f"{MODES}.")
-  if block.meta_bn not in ("train", "eval"):
-    raise R2D2Error(f"config.semimeta.meta_bn is {block.meta_bn!r}; use "
-                    "'train' or 'eval'.")
-  return block
+  Args:
+    state: the network.
+    batch: 'labeled' {'weak', 'label'}, 'unlabeled' {'weak', 'label'} (the
+      unlabeled labels only feed the pseudo-label accuracy).
+    rng: this step's key (`step_keys`).
+    net: the network (its schedule gives the default inner lr).
+    task: num_classes.
+    hp: `config.semimeta`.
 
-
-def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
-  """One SemiMeta step: meta-update the batch's pseudo-labels, then θ."""
-  cfg = _config(ctx)
+  Returns:
+    (new state, metrics).
+  """
   keys = step_keys(rng)
   lab, unl = batch["labeled"], batch["unlabeled"]
   x_l, y_l, x_u = lab["weak"], lab["label"], unl["weak"]
   n = x_u.shape[0]
-  lr = ctx.schedule(state.step)
-  alpha = lr if cfg.inner_lr is None else cfg.inner_lr
+  lr = net.schedule(state.step)
+  alpha = lr if hp.inner_lr is None else hp.inner_lr
 
   # Meta forwards: their updated BatchNorm statistics are dropped on purpose
   # (only the final loss's forwards may move the running averages).
-  if cfg.meta_bn == "train":
-    fwd = lambda p, x: ctx.apply_train({"params": p, **state.model_state}, x,
+  if hp.meta_bn == "train":
+    fwd = lambda p, x: net.apply_train({"params": p, **state.model_state}, x,
                                        keys["meta"])[0]
   else:
-    fwd = lambda p, x: ctx.apply_eval({"params": p, **state.model_state}, x)
+    fwd = lambda p, x: net.apply_eval({"params": p, **state.model_state}, x)
   unlabeled_fn = lambda p: fwd(p, x_u)
   labeled_fn = lambda p: fwd(p, x_l)
 
-  if cfg.mode == "exact":
+  if hp.mode == "exact":
     y_tilde = jax.lax.stop_gradient(jax.nn.softmax(unlabeled_fn(state.params)))
     g_y = meta_label_grad_exact(unlabeled_fn, labeled_fn, state.params,
                                 y_tilde, y_l, alpha)
@@ -271,21 +321,21 @@ def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
     g_y, y_tilde = meta_label_grad_first_order(unlabeled_fn, labeled_fn,
                                                state.params, y_l, alpha)
   y_hat = jax.lax.stop_gradient(
-      update_labels(y_tilde, g_y, cfg.label_lr * n))
+      update_labels(y_tilde, g_y, hp.label_lr * n))
 
-  weight = cfg.weight * meta.linear_ramp(state.step, cfg.ramp_steps)
-  t_l = jax.nn.one_hot(y_l, ctx.num_classes, dtype=y_hat.dtype)
-  if cfg.mixup_alpha > 0:
-    x_sup, t_sup = mixup(keys["mix"], x_l, t_l, x_u, y_hat, cfg.mixup_alpha)
+  weight = hp.weight * meta.linear_ramp(state.step, hp.ramp_steps)
+  t_l = jax.nn.one_hot(y_l, task.num_classes, dtype=y_hat.dtype)
+  if hp.mixup_alpha > 0:
+    x_sup, t_sup = mixup(keys["mix"], x_l, t_l, x_u, y_hat, hp.mixup_alpha)
   else:
     x_sup, t_sup = x_l, t_l
 
   def loss_fn(params):
     # Two forwards, as the reference: BN statistics are updated by the mixed
     # batch, then by the unlabeled batch.
-    logits_sup, model_state = ctx.apply_train(
+    logits_sup, model_state = net.apply_train(
         {"params": params, **state.model_state}, x_sup, keys["forward_mix"])
-    logits_u, model_state = ctx.apply_train(
+    logits_u, model_state = net.apply_train(
         {"params": params, **model_state}, x_u, keys["forward_unlabeled"])
     xe = losses.soft_cross_entropy(logits_sup, t_sup)
     cons = consistency_loss(logits_u, y_hat)
@@ -293,16 +343,19 @@ def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
 
   (loss, (xe, cons, logits_u, model_state)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  metrics = step_metrics(state, grads, ctx)
-  new_state = state.apply_gradients(grads, ctx.tx, model_state, ctx.ema_decay)
+  new_state = state.apply_gradients(grads, net.tx, model_state, net.ema_decay)
+  metrics = step_metrics(state, new_state, grads, net)
+  # Diagnostics only: the unlabeled labels never enter the loss.
+  monitors = pseudo_label_monitors(y_hat, unl["label"])
+  metrics.update(monitors)
   metrics.update({
       "losses/xe": xe,
+      "losses/xeu": cons,
       "losses/consistency": cons,
       "losses/total": loss,
       "semimeta/label_change": jnp.mean(jnp.sum(jnp.abs(y_hat - y_tilde), -1)),
       "semimeta/inner_lr": jnp.asarray(alpha, jnp.float32),
-      # Diagnostics only: the unlabeled labels never enter the loss.
-      "pseudo_labels/accuracy": losses.accuracy(y_hat, unl["label"]),
+      "pseudo_labels/accuracy": monitors["monitors/pseudo_label_accuracy"],
       "pseudo_labels/accuracy_before": losses.accuracy(y_tilde, unl["label"]),
       "accuracy/train_unlabeled": losses.accuracy(logits_u, unl["label"]),
       "monitors/consistency_weight": weight,
@@ -310,5 +363,5 @@ def train_step(state: TrainState, batch, rng: jax.Array, ctx: Context):
   return new_state, metrics
 
 
-METHOD = Method(name="semimeta", views=views, init_state=init_state,
-                train_step=train_step)
+METHOD = register(Method(name="semimeta", hparams=hparams, views=views,
+                         train_step=train_step))
