@@ -24,6 +24,13 @@ student waits 3000 steps).
   'no_bn_bias'  all but normalisation layers and every bias.
 A normalisation layer is recognised by structure, not by name: a module whose
 parameters include 'scale' (BatchNorm, LayerNorm, GroupNorm).
+
+`weight_decay_mode` says how 'sgd' and 'adam' apply it:
+  'coupled'       (default) L2: wd·θ added to the gradient before the optimizer;
+  'after_update'  after the optimizer's step, the decayed parameters are scaled
+                  θ ← (θ + u)·(1 − wd·lr_t), lr_t the schedule's rate: the
+                  MixMatch reference (google-research/mixmatch `mixmatch.py`:
+                  `wd *= lr` and `v ← v·(1 − wd)` on the kernels after Adam).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from r2d2_jax.errors import R2D2Error, unknown_name
 SCHEDULES = ("constant", "cosine", "fixmatch_cosine", "piecewise")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DECAY_MASKS = ("all", "kernels", "no_bn", "no_bn_bias")
+WEIGHT_DECAY_MODES = ("coupled", "after_update")
 
 
 def decay_mask(name: str) -> Callable[[Any], Any]:
@@ -82,6 +90,34 @@ def decay_mask(name: str) -> Callable[[Any], Any]:
     return jax.tree.unflatten(jax.tree.structure(params), walk(params))
 
   return mask
+
+
+def decay_after_update(rate: float, schedule: optax.Schedule,
+                       mask: Callable[[Any], Any]
+                       ) -> optax.GradientTransformation:
+  """Weight decay applied after the optimizer's step: θ' = (θ + u)·(1 − rate·lr_t).
+
+  Chained after the optimizer, it rewrites the updates u of the parameters
+  `mask` selects to u − rate·lr_t·(θ + u), lr_t = `schedule(t)` at this step
+  (its own count, as optax's schedules keep): the new parameters are the
+  stepped ones, shrunk (the MixMatch reference's `v ← v·(1 − wd·lr)`).
+  """
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("decay_after_update needs the params.")
+    factor = rate * schedule(state.count)
+    new = jax.tree.map(
+        lambda u, p, keep: u - (factor * (p + u)).astype(u.dtype) if keep else u,
+        updates, params, mask(params))
+    return new, optax.ScaleByScheduleState(
+        count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_schedule(lr: float, config: ml_collections.ConfigDict | None,
@@ -140,28 +176,40 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
   Weight decay is coupled L2 (added to the gradient before momentum) for SGD, as
   in the reference implementations of every paper here, and decoupled for
   'adamw'. It applies to the parameters chosen by `config.decay_mask` (default
-  'all'; see `decay_mask`).
+  'all'; see `decay_mask`). `config.weight_decay_mode='after_update'` (sgd,
+  adam) instead shrinks them after the step (`decay_after_update`).
 
   Returns:
     (tx, schedule).
 
   Raises:
-    R2D2Error: for an unknown optimizer, schedule or decay mask.
+    R2D2Error: for an unknown optimizer, schedule, decay mask or weight-decay
+      mode.
   """
   name = config.get("name", "sgd")
   schedule = make_schedule(config.lr, config.get("schedule"), total_steps)
   wd = config.get("weight_decay", 0.0) or 0.0
   mask = decay_mask(config.get("decay_mask", "all") or "all")
+  mode = config.get("weight_decay_mode", "coupled") or "coupled"
+  if mode not in WEIGHT_DECAY_MODES:
+    raise R2D2Error(
+        f"Unknown optimizer.weight_decay_mode {mode!r}. Valid modes: "
+        f"{', '.join(WEIGHT_DECAY_MODES)}.")
+  if mode != "coupled" and name not in ("sgd", "adam"):
+    raise R2D2Error(
+        f"optimizer.weight_decay_mode={mode!r} applies to 'sgd' and 'adam'; "
+        f"{name!r} decays its own way (leave the mode 'coupled').")
+  coupled = wd and mode == "coupled"
   parts = []
   if config.get("grad_clip_norm", 0.0):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if name == "sgd":
-    if wd:
+    if coupled:
       parts.append(optax.add_decayed_weights(wd, mask=mask))
     parts.append(optax.sgd(schedule, momentum=config.get("momentum", 0.9) or None,
                            nesterov=config.get("nesterov", False)))
   elif name == "adam":
-    if wd:
+    if coupled:
       parts.append(optax.add_decayed_weights(wd, mask=mask))
     parts.append(optax.adam(schedule, b1=config.get("b1", 0.9),
                             b2=config.get("b2", 0.999)))
@@ -171,4 +219,6 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
                              mask=mask))
   else:
     raise unknown_name("optimizer", name, OPTIMIZERS)
+  if wd and mode == "after_update":
+    parts.append(decay_after_update(wd, schedule, mask))
   return optax.chain(*parts), schedule
