@@ -41,9 +41,14 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import jax
+if __package__ in (None, ""):
+  # Run as a script (`python benchmarks/meta_cost.py`): the repository root,
+  # not benchmarks/, must be on the path for `benchmarks.*` imports.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
-import optax
 
 from benchmarks import report
 from benchmarks import step_time
@@ -56,7 +61,7 @@ from r2d2_jax.data import pipeline as pipeline_lib
 from r2d2_jax.methods import mpl
 from r2d2_jax.methods import semimeta
 from r2d2_jax.methods import uda
-from r2d2_jax.methods.base import step_metrics
+from r2d2_jax.methods.base import pseudo_label_monitors, step_metrics
 
 METHODS = ("mpl:first_order", "mpl:exact", "semimeta:first_order",
            "semimeta:exact")
@@ -141,7 +146,7 @@ class Pipeline:
 
 
 def augment_component(p: Pipeline, stage, state, batch):
-  specs = train.view_specs(stage.method.views(stage.config),
+  specs = train.view_specs(stage.method.views(stage.hp),
                            stage.config.data.augment, stage.info)
   info, aug_key = stage.info, stage._aug_key  # pylint: disable=protected-access
   views = ", ".join(f"{s}: {'+'.join(v)}" for s, v in specs.items())
@@ -152,13 +157,13 @@ def augment_component(p: Pipeline, stage, state, batch):
 
 def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
   """The passes of `mpl.train_step`, in its order; returns the new state."""
-  ctx = stage.ctx
-  cfg = ctx.config.mpl
-  mode, h_kind = cfg.mode, cfg.get("h", "difference")
+  net, hp = stage.net, stage.hp
+  cfg = hp.mpl
+  mode, h_kind = cfg.mode, cfg.h
   assert mode in ("first_order", "exact"), mode
-  smoothing = ctx.config.get("label_smoothing", 0.0)
-  temperature = cfg.get("temperature", 1.0)
-  t_tx, _ = mpl.teacher_optimizer(ctx)
+  smoothing = hp.label_smoothing
+  temperature = cfg.temperature
+  t_tx = hp.teacher_tx
   p = Pipeline()
   rng = jax.random.fold_in(stage._step_key, state.step)  # pylint: disable=protected-access
   prep = augment_component(p, stage, state, batch)
@@ -169,18 +174,18 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
   teacher, student = state.teacher, state.student
 
   def s_logits(params, model_state, x, key):
-    return ctx.apply_train({"params": params, **model_state}, x, key)[0]
+    return net.apply_train({"params": params, **model_state}, x, key)[0]
 
   # 1. Teacher forward (vjp kept) + pseudo-labels.
   def teacher_forward(params, model_state, x_l, x_w, x_s):
     def fwd(params):
-      return ctx.apply_train({"params": params, **model_state},
+      return net.apply_train({"params": params, **model_state},
                              jnp.concatenate([x_l, x_w, x_s]), k_teacher)
     t_logits, t_vjp, t_ms = jax.vjp(fwd, params, has_aux=True)
     t_s = t_logits[n_l + n_u:]
     targets = jax.lax.stop_gradient(mpl.pseudo_labels(
         t_s, mode, temperature=temperature,
-        sample=cfg.get("sample_labels", False), rng=k_sample))
+        sample=cfg.sample_labels, rng=k_sample))
     return t_logits, t_vjp, t_ms, targets
 
   t_logits, t_vjp, t_ms, targets = p(
@@ -191,7 +196,7 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
   # 2. Student's real step: forward + backward on strong x_u.
   def student_fwd_bwd(params, model_state, x_s, targets):
     def s_loss(params):
-      logits, ms = ctx.apply_train({"params": params, **model_state}, x_s,
+      logits, ms = net.apply_train({"params": params, **model_state}, x_s,
                                    k_su)
       return losses.soft_cross_entropy(logits, targets,
                                        label_smoothing=smoothing), ms
@@ -218,8 +223,8 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
 
   # 3. Student optimizer + EMA.
   new_student = p("student optimizer + EMA update",
-                  lambda st, g, ms: st.apply_gradients(g, ctx.tx, ms,
-                                                       ctx.ema_decay),
+                  lambda st, g, ms: st.apply_gradients(g, net.tx, ms,
+                                                       net.ema_decay),
                   student, s_grads, s_ms)
 
   # 4. h: labeled CE before and after the student's step.
@@ -228,7 +233,7 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
         s_logits(prm, model_state, x_l, k_sl), y_l)
     h_diff, ce_old, ce_new = mpl.h_difference(ce_l, old, new)
     if mode == "first_order" and h_kind == "dot_product":
-      h = mpl.h_dot_product(ce_l, old, s_grads, ctx.schedule(step))
+      h = mpl.h_dot_product(ce_l, old, s_grads, net.schedule(step))
     else:
       h = h_diff
     return jax.lax.stop_gradient(h), ce_old, ce_new
@@ -242,17 +247,16 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
 
   # 5. Teacher loss (UDA [+ first-order term]) and its gradient w.r.t. logits.
   def t_loss_grad(t_logits, targets, y_l, h, baseline, step):
-    weight = uda.uda_weight(step, ctx.config)
+    weight = hp.uda.weight_at(step)
     # The baseline the step subtracts (config.mpl.baseline, as mpl.train_step).
-    if cfg.get("baseline", "updated") == "updated":
-      baseline = mpl.update_baseline(baseline, h,
-                                     cfg.get("baseline_decay", 0.01))
+    if cfg.baseline == "updated":
+      baseline = mpl.update_baseline(baseline, h, cfg.baseline_decay)
     coef = h - baseline
 
     def t_loss(logits):
       tl, tw, ts = jnp.split(logits, [n_l, n_l + n_u])
       uda_total, aux = uda.uda_loss(tl, y_l, tw, ts, weight=weight,
-                                    **uda.uda_kwargs(ctx.config))
+                                    **hp.uda.loss_kwargs())
       if mode == "first_order":
         return uda_total + mpl.first_order_term(ts, targets, coef), aux
       return uda_total, aux
@@ -269,7 +273,7 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
     # from the student's gradient (step 2) and its linearisation in ŷ.
     g_inner = s_grads
     def outer(params, g_inner, model_state, x_l, y_l, step):
-      stepped = meta.sgd_step(params, g_inner, ctx.schedule(step))
+      stepped = meta.sgd_step(params, g_inner, net.schedule(step))
       ce_l = lambda prm: losses.cross_entropy(
           s_logits(prm, model_state, x_l, k_sl), y_l)
       return jax.value_and_grad(ce_l)(stepped)
@@ -280,7 +284,7 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
         student.model_state, x_l, y_l, student.step)
 
     def second_order(lin_y, t_logits, v, g_logits, step):
-      lr = ctx.schedule(step)
+      lr = net.schedule(step)
       (g_soft,) = lin_y(jax.tree.map(lambda x: -lr * x, v))
       _, soft_vjp = jax.vjp(
           lambda ts: mpl.pseudo_labels(ts, "exact", temperature=temperature),
@@ -301,22 +305,22 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
   # 7. Teacher optimizer + EMA, baseline.
   new_teacher = p("teacher optimizer + EMA update",
                   lambda st, g, ms: st.apply_gradients(g, t_tx, ms,
-                                                       ctx.ema_decay),
+                                                       net.ema_decay),
                   teacher, t_grads, t_ms)
 
   # 8. Metrics (norms, accuracies) and the baseline.
-  def metrics(student, s_grads, teacher, t_grads, t_logits, label, baseline,
-              h):
-    m = step_metrics(student, s_grads, ctx)
-    t_s = t_logits[n_l + n_u:]
-    m.update({"acc": losses.accuracy(t_s, label),
-              "tg": optax.tree.norm(t_grads),
-              "tp": optax.tree.norm(teacher.params)})
-    return m, mpl.update_baseline(baseline, h, cfg.get("baseline_decay",
-                                                       0.01))
+  t_net = hp.teacher(net)
+
+  def metrics(student, new_student, s_grads, teacher, new_teacher, t_grads,
+              targets, label, baseline, h):
+    m = step_metrics(student, new_student, s_grads, net)
+    m.update({f"{k}/teacher": v for k, v in step_metrics(
+        teacher, new_teacher, t_grads, t_net).items()})
+    m.update(pseudo_label_monitors(targets, label))
+    return m, mpl.update_baseline(baseline, h, cfg.baseline_decay)
 
   _, baseline = p("metrics (norms, accuracy) + baseline", metrics, student,
-                  s_grads, teacher, t_grads, t_logits,
+                  new_student, s_grads, teacher, new_teacher, t_grads, targets,
                   prep["unlabeled"]["label"], state.baseline, h)
   new_state = state.replace(step=state.step + 1, teacher=new_teacher,
                             student=new_student, baseline=baseline)
@@ -326,8 +330,7 @@ def mpl_components(stage, state, batch) -> tuple[Pipeline, Any]:
 
 def semimeta_components(stage, state, batch) -> tuple[Pipeline, Any]:
   """The passes of `semimeta.train_step`, in its order; returns the new state."""
-  ctx = stage.ctx
-  cfg = semimeta._config(ctx)  # pylint: disable=protected-access
+  net, cfg = stage.net, stage.hp
   p = Pipeline()
   rng = jax.random.fold_in(stage._step_key, state.step)  # pylint: disable=protected-access
   keys = semimeta.step_keys(rng)
@@ -339,12 +342,12 @@ def semimeta_components(stage, state, batch) -> tuple[Pipeline, Any]:
 
   def fwd(params, model_state, x):
     if bn == "train":
-      return ctx.apply_train({"params": params, **model_state}, x,
+      return net.apply_train({"params": params, **model_state}, x,
                              keys["meta"])[0]
-    return ctx.apply_eval({"params": params, **model_state}, x)
+    return net.apply_eval({"params": params, **model_state}, x)
 
   def alpha_of(step):
-    lr = ctx.schedule(step)
+    lr = net.schedule(step)
     return lr if cfg.inner_lr is None else cfg.inner_lr
 
   if cfg.mode == "first_order":
@@ -398,7 +401,7 @@ def semimeta_components(stage, state, batch) -> tuple[Pipeline, Any]:
     y_hat = jax.lax.stop_gradient(semimeta.update_labels(
         y_tilde, g_y, cfg.label_lr * n))
     weight = cfg.weight * meta.linear_ramp(step, cfg.ramp_steps)
-    t_l = jax.nn.one_hot(y_l, ctx.num_classes, dtype=y_hat.dtype)
+    t_l = jax.nn.one_hot(y_l, stage.task.num_classes, dtype=y_hat.dtype)
     if cfg.mixup_alpha > 0:
       x_sup, t_sup = semimeta.mixup(keys["mix"], x_l, t_l, x_u, y_hat,
                                     cfg.mixup_alpha)
@@ -411,9 +414,9 @@ def semimeta_components(stage, state, batch) -> tuple[Pipeline, Any]:
 
   def final_forward(params, model_state, x_sup, x_u, t_sup, y_hat, weight):
     def loss_fn(params):
-      logits_sup, ms = ctx.apply_train({"params": params, **model_state},
+      logits_sup, ms = net.apply_train({"params": params, **model_state},
                                        x_sup, keys["forward_mix"])
-      logits_u, ms = ctx.apply_train({"params": params, **ms}, x_u,
+      logits_u, ms = net.apply_train({"params": params, **ms}, x_u,
                                      keys["forward_unlabeled"])
       xe = losses.soft_cross_entropy(logits_sup, t_sup)
       cons = semimeta.consistency_loss(logits_u, y_hat)
@@ -427,20 +430,20 @@ def semimeta_components(stage, state, batch) -> tuple[Pipeline, Any]:
   (grads,) = p(f"final backward ({x_sup.shape[0]} + {n} images)",
                lambda vjp: vjp(jnp.ones((), jnp.float32)), loss_vjp)
   new_state = p("optimizer + EMA update",
-                lambda st, g, ms: st.apply_gradients(g, ctx.tx, ms,
-                                                     ctx.ema_decay),
+                lambda st, g, ms: st.apply_gradients(g, net.tx, ms,
+                                                     net.ema_decay),
                 state, grads, ms)
 
-  def metrics(state, grads, y_hat, y_tilde, logits_u, label):
-    m = step_metrics(state, grads, ctx)
+  def metrics(state, new_state, grads, y_hat, y_tilde, logits_u, label):
+    m = step_metrics(state, new_state, grads, net)
     m.update({"lc": jnp.mean(jnp.sum(jnp.abs(y_hat - y_tilde), -1)),
               "a1": losses.accuracy(y_hat, label),
               "a2": losses.accuracy(y_tilde, label),
               "a3": losses.accuracy(logits_u, label)})
     return m
 
-  p("metrics (norms, accuracies)", metrics, state, grads, y_hat, y_tilde,
-    logits_u, prep["unlabeled"]["label"])
+  p("metrics (norms, accuracies)", metrics, state, new_state, grads, y_hat,
+    y_tilde, logits_u, prep["unlabeled"]["label"])
   del loss, xe, cons
   return p, new_state
 

@@ -45,11 +45,12 @@ class DenseBN(nn.Module):
     return nn.Dense(self.num_classes, name="head")(jnp.tanh(x))
 
 
-def _ctx(cfg, tx, lr):
-  return methods.Context(
-      config=cfg, model=DenseBN(), tx=tx, schedule=lambda step: jnp.float32(lr),
-      num_classes=3, num_train=0, image_shape=(4,), total_steps=10,
-      steps_per_epoch=1)
+def _ctx(cfg, tx, lr, method=None):
+  """What the trainer binds (net, task, hp) for `cfg`, on `DenseBN`."""
+  return helpers.StepContext(
+      cfg, DenseBN(), tx, lambda step: jnp.float32(lr), image_shape=(4,),
+      num_classes=3, num_train=0, total_steps=10, steps_per_epoch=1,
+      method=method)
 
 
 def _batch(seed=0, n_l=6, n_u=8):
@@ -95,9 +96,10 @@ def test_decay_mask_through_supervised_step(mask):
     tx, schedule = optim.make_optimizer(block, 10)
     cfg = helpers.tiny_config()
     ctx = _ctx(cfg, tx, 0.5)
-    state = supervised.init_state(jax.random.key(0), ctx)
-    new, _ = jax.jit(lambda s, b: supervised.train_step(
-        s, b, jax.random.key(1), ctx))(state, _batch())
+    state = ctx.bind(supervised.METHOD.init_state)(jax.random.key(0))
+    step_fn = ctx.bind(supervised.train_step)
+    new, _ = jax.jit(lambda s, b: step_fn(s, b, jax.random.key(1)))(
+        state, _batch())
     return state.params, new.params
 
   moved, p0 = _decay_moves(mask, step)
@@ -113,9 +115,10 @@ def test_decay_mask_reaches_the_mpl_teacher():
     cfg = helpers.tiny_mpl_config()
     cfg.mpl.teacher_optimizer = block
     ctx = _ctx(cfg, optax.sgd(0.25), 0.25)
-    state = mpl.init_state(jax.random.key(0), ctx)
-    new, _ = jax.jit(lambda s, b: mpl.train_step(
-        s, b, jax.random.key(1), ctx))(state, _batch())
+    state = ctx.bind(mpl.init_state)(jax.random.key(0))
+    step_fn = ctx.bind(mpl.train_step)
+    new, _ = jax.jit(lambda s, b: step_fn(s, b, jax.random.key(1)))(
+        state, _batch())
     return state.teacher.params, new.teacher.params
 
   moved, p0 = _decay_moves("no_bn", step)
@@ -229,9 +232,9 @@ def test_uda_mask_reads_the_configured_softmax(method, mask_on):
   cfg = helpers.tiny_mpl_config()
   cfg.uda.ramp_steps = 0
   cfg.uda.temperature = 0.4
-  ctx = _ctx(cfg, optax.sgd(0.1), 0.1)
-  init = uda.init_state if method == "uda" else mpl.init_state
-  state = init(jax.random.key(0), ctx)
+  ctx = _ctx(cfg, optax.sgd(0.1), 0.1, method=method)
+  init = uda.METHOD.init_state if method == "uda" else mpl.METHOD.init_state
+  state = ctx.bind(init)(jax.random.key(0))
   net = state if method == "uda" else state.teacher
   batch = _batch(3)
   # A threshold between the two softmaxes' confidence on some rows, so that
@@ -242,14 +245,16 @@ def test_uda_mask_reads_the_configured_softmax(method, mask_on):
   i = int(np.argmax(gap))
   cfg.uda.threshold = float((sharp.max(-1)[i] + plain.max(-1)[i]) / 2)
   cfg.uda.mask_on = mask_on
-  step = uda.train_step if method == "uda" else mpl.train_step
-  _, metrics = jax.jit(lambda s, b: step(s, b, jax.random.key(1), ctx))(
+  ctx = _ctx(cfg, optax.sgd(0.1), 0.1, method=method)  # hp parsed again
+  step = ctx.bind(uda.train_step if method == "uda" else mpl.train_step)
+  _, metrics = jax.jit(lambda s, b: step(s, b, jax.random.key(1)))(
       state, batch)
   want = {m: _uda_expected(ctx, net.params, batch, net.model_state, m)
           for m in ("sharpened", "unsharpened")}
   assert want["sharpened"][0] > want["unsharpened"][0]
-  np.testing.assert_allclose(metrics["uda/mask"], want[mask_on][0], rtol=1e-6)
-  np.testing.assert_allclose(metrics["losses/uda" if method == "uda"
+  np.testing.assert_allclose(metrics["monitors/mask"], want[mask_on][0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["losses/xeu" if method == "uda"
                                      else "cross_entropy/teacher_on_u"],
                              want[mask_on][1], rtol=1e-4)
 
@@ -257,10 +262,9 @@ def test_uda_mask_reads_the_configured_softmax(method, mask_on):
 def test_unknown_uda_mask_on_is_an_error():
   cfg = helpers.tiny_mpl_config()
   cfg.uda.mask_on = "soft"
-  ctx = _ctx(cfg, optax.sgd(0.1), 0.1)
-  state = uda.init_state(jax.random.key(0), ctx)
-  with pytest.raises(R2D2Error, match="sharpened, unsharpened"):
-    uda.train_step(state, _batch(), jax.random.key(1), ctx)
+  with pytest.raises(R2D2Error, match="config.uda: mask_on='soft'.*"
+                     "'sharpened', 'unsharpened'"):
+    _ctx(cfg, optax.sgd(0.1), 0.1, method="uda")
 
 
 # ---------------------------------------------------------------------------
@@ -294,7 +298,7 @@ def test_r2d2_finetune_trains_on_repredicted_or_table_labels(tmp_path):
   images = stage.pipeline.train.images
   x = (np.asarray(images, np.float32) - np.asarray(stage.info.mean)) / \
       np.asarray(stage.info.std)
-  logits = stage.ctx.model.apply({"params": r2["params"], **r2["model_state"]},
+  logits = stage.net.model.apply({"params": r2["params"], **r2["model_state"]},
                                  jnp.asarray(x), train=False)
   unl = np.setdiff1d(split.unlabeled, split.labeled)
   np.testing.assert_allclose(ft["table"][unl], np.asarray(logits)[unl],
@@ -319,7 +323,8 @@ def test_r2d2_finetune_trains_on_repredicted_or_table_labels(tmp_path):
   np.testing.assert_array_equal(ft_table["table"], r2["table"])
 
   c.r2d2.finetune_labels = "argmax"
-  with pytest.raises(R2D2Error, match="repredict, table"):
+  with pytest.raises(R2D2Error, match="config.r2d2: finetune_labels='argmax'; "
+                     "choose one of 'repredict', 'table'"):
     train.train_and_evaluate(c, without_finetune("bad"))
 
 
@@ -332,36 +337,40 @@ def test_mpl_finetune_starts_from_the_chosen_student(which):
   cfg = helpers.tiny_mpl_config()
   cfg.mpl.finetune_from = which
   ctx = _ctx(cfg, optax.sgd(0.1), 0.1)
-  prev = mpl.init_state(jax.random.key(0), ctx)
+  prev = ctx.bind(mpl.init_state)(jax.random.key(0))
   shift = lambda t, d: jax.tree.map(lambda a: np.asarray(a) + d, t)
   student = {"params": shift(prev.student.params, 0.0),
              "model_state": shift(prev.student.model_state, 0.0),
              "ema_params": shift(prev.student.params, 0.5),
              "ema_model_state": shift(prev.student.model_state, 0.25)}
   previous = {"student": student, "teacher": jax.device_get(prev.teacher)}
-  fresh = supervised.init_state(jax.random.key(5), ctx)
-  state = mpl.FINETUNE.init_from(fresh, previous, ctx)
+  # The finetune stage's config still holds the mpl block (inherited).
+  ft = _ctx(cfg, optax.sgd(0.1), 0.1, method="mpl_finetune")
+  assert ft.hp.finetune_from == which
+  fresh = ft.bind(mpl.FINETUNE.init_state)(jax.random.key(5))
+  state = ft.bind(mpl.FINETUNE.init_from)(fresh, previous)
   src = "ema_" if which == "ema" else ""
   chex.assert_trees_all_close(state.params, student[src + "params"])
   chex.assert_trees_all_close(state.model_state,
                               student[src + "model_state"])
   chex.assert_trees_all_close(state.ema_params, student["ema_params"])
   # The step runs on the copied state (no buffer is donated twice).
-  new, _ = jax.jit(lambda s, b: supervised.train_step(
-      s, b, jax.random.key(1), ctx), donate_argnums=(0,))(state, _batch())
+  step_fn = ft.bind(mpl.FINETUNE.train_step)
+  new, _ = jax.jit(lambda s, b: step_fn(s, b, jax.random.key(1)),
+                   donate_argnums=(0,))(state, _batch())
   assert np.isfinite(np.asarray(new.params["head"]["kernel"])).all()
 
   cfg.mpl.finetune_from = "best"
-  with pytest.raises(R2D2Error, match="ema"):
-    mpl.FINETUNE.init_from(fresh, previous, ctx)
+  with pytest.raises(R2D2Error, match="finetune_from='best'.*'ema', 'raw'"):
+    _ctx(cfg, optax.sgd(0.1), 0.1, method="mpl_finetune")
 
 
 def test_mpl_baseline_name_is_checked():
   cfg = helpers.tiny_mpl_config()
   cfg.mpl.baseline = "before"
-  ctx = _ctx(cfg, optax.sgd(0.1), 0.1)
-  with pytest.raises(R2D2Error, match="updated"):
-    mpl.init_state(jax.random.key(0), ctx)
+  with pytest.raises(R2D2Error,
+                     match="config.mpl: baseline='before'.*'updated'"):
+    _ctx(cfg, optax.sgd(0.1), 0.1)
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,8 @@ The maths tests run in float64 on a tiny MLP; the trainer tests run the real
 step on digits with a small CNN on fake CPU devices.
 """
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -18,6 +20,7 @@ from r2d2_jax import losses
 from r2d2_jax import methods
 from r2d2_jax import sharding
 from r2d2_jax import train
+from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import mpl
 from r2d2_jax.methods import uda
 from tests import helpers
@@ -198,10 +201,10 @@ def test_uda_loss_mask_and_stop_gradient():
   kw = dict(temperature=0.5, threshold=0.6, label_smoothing=0.0)
   loss, aux = uda.uda_loss(logits_l, jnp.asarray([0, 1]), weak, strong,
                            weight=2.0, **kw)
-  np.testing.assert_allclose(float(aux["uda/mask"]), 0.5)
+  np.testing.assert_array_equal(aux["mask"], [1.0, 0.0])
   target = jax.nn.softmax(weak[0] / 0.5)
   row0 = -jnp.sum(target * jax.nn.log_softmax(strong[0]))
-  np.testing.assert_allclose(float(aux["losses/uda"]), float(row0) / 2,
+  np.testing.assert_allclose(float(aux["losses/xeu"]), float(row0) / 2,
                              rtol=1e-6)
   np.testing.assert_allclose(float(loss), np.log(3) + 2 * float(row0) / 2,
                              rtol=1e-6)
@@ -215,13 +218,6 @@ def test_uda_loss_mask_and_stop_gradient():
 
 
 mpl_config = helpers.tiny_mpl_config
-
-
-@pytest.fixture
-def registered(monkeypatch):
-  monkeypatch.setitem(methods.METHODS, "mpl", mpl.METHOD)
-  monkeypatch.setitem(methods.METHODS, "mpl_finetune", mpl.FINETUNE)
-  monkeypatch.setitem(methods.METHODS, "uda", uda.METHOD)
 
 
 def _run(stage, n):
@@ -250,8 +246,7 @@ def _four_vs_one(tmp_path, config, n=3):
 
 @pytest.mark.parametrize("mode,h", [("first_order", "difference"),
                                     ("exact", "difference")])
-def test_mpl_step_four_devices_equal_one(tmp_path, registered, mode, h):
-  del registered
+def test_mpl_step_four_devices_equal_one(tmp_path, mode, h):
   stage, state, metrics = _four_vs_one(tmp_path, mpl_config(mode, h))
   assert int(state.step) == 3 and int(state.student.step) == 3
   # The student's lr waits one step; the teacher's warms up over one.
@@ -259,8 +254,9 @@ def test_mpl_step_four_devices_equal_one(tmp_path, registered, mode, h):
   assert float(metrics[1]["lr/student"]) > 0.0
   assert float(metrics[0]["lr/teacher"]) > 0.0
   for m in metrics:
-    for k in ("mpl/dot_product", "mpl/moving_dot_product", "uda/mask",
-              "pseudo_labels/accuracy", "losses/total",
+    for k in ("mpl/dot_product", "mpl/moving_dot_product", "monitors/mask",
+              "monitors/pseudo_label_accuracy", "losses/total",
+              "losses/xe", "losses/xeu", "l2_updates", "l2_updates/teacher",
               "cross_entropy/teacher_on_l", "cross_entropy/student_on_u"):
       assert np.isfinite(float(m[k])), k
   # With lr 0 the student does not move, so h is exactly zero on step 1.
@@ -270,8 +266,7 @@ def test_mpl_step_four_devices_equal_one(tmp_path, registered, mode, h):
           "accuracy/test/teacher"} <= set(evals)
 
 
-def test_mpl_dot_product_and_official_compat_steps_run(tmp_path, registered):
-  del registered
+def test_mpl_dot_product_and_official_compat_steps_run(tmp_path):
   for mode, h in (("first_order", "dot_product"), ("official_compat",
                                                    "difference")):
     stage = train.Stage(mpl_config(mode, h), str(tmp_path / mode),
@@ -282,18 +277,16 @@ def test_mpl_dot_product_and_official_compat_steps_run(tmp_path, registered):
     assert all(np.isfinite(float(v)) for v in last.values())
 
 
-def test_uda_step_four_devices_equal_one(tmp_path, registered):
-  del registered
+def test_uda_step_four_devices_equal_one(tmp_path):
   c = mpl_config()
   c.method = "uda"
   _, state, metrics = _four_vs_one(tmp_path, c)
   assert int(state.step) == 3
-  assert {"losses/xe", "losses/uda", "uda/mask", "losses/total",
+  assert {"losses/xe", "losses/xeu", "monitors/mask", "losses/total",
           "l2_grads"} <= set(metrics[-1])
 
 
-def test_mpl_then_finetune_stages(tmp_path, registered):
-  del registered
+def test_mpl_then_finetune_stages(tmp_path):
   c = mpl_config()
   c.stage_order = ("mpl", "finetune")
   c.run_stages = ""
@@ -389,20 +382,20 @@ def test_train_step_teacher_gradient_is_the_documented_one(mode, baseline):
     cfg.uda.ramp_steps = 0
     cfg.uda.threshold = 0.3
     model = TinyBNNet()
-    ctx = methods.Context(
-        config=cfg, model=model, tx=optax.sgd(lr_s),
-        schedule=lambda step: jnp.float64(lr_s), num_classes=3, num_train=0,
-        image_shape=(4,), total_steps=10, steps_per_epoch=1)
+    ctx = helpers.StepContext(
+        cfg, model, optax.sgd(lr_s), lambda step: jnp.float64(lr_s),
+        image_shape=(4,), num_classes=3, total_steps=10, steps_per_epoch=1)
     b0 = 0.3
-    state = mpl.init_state(jax.random.key(0), ctx).replace(
+    state = ctx.bind(mpl.init_state)(jax.random.key(0)).replace(
         baseline=jnp.asarray(b0, jnp.float64))
     rng = np.random.default_rng(0)
     x = lambda n: jnp.asarray(rng.normal(size=(n, 4)))
     y = lambda n: jnp.asarray(rng.integers(0, 3, n), jnp.int32)
     batch = {"labeled": {"weak": x(6), "label": y(6)},
              "unlabeled": {"weak": x(8), "strong": x(8), "label": y(8)}}
-    new, metrics = jax.jit(lambda s, b: mpl.train_step(
-        s, b, jax.random.key(1), ctx))(state, batch)
+    step = ctx.bind(mpl.train_step)
+    new, metrics = jax.jit(lambda s, b: step(s, b, jax.random.key(1)))(
+        state, batch)
     g_step = jax.tree.map(lambda a, b: (a - b) / lr_t, state.teacher.params,
                           new.teacher.params)
 
@@ -420,8 +413,10 @@ def test_train_step_teacher_gradient_is_the_documented_one(mode, baseline):
 
     def uda_part(tp):
       tl, tw, ts = jnp.split(apply(tp, t_ms, x_t), [6, 14])
-      total, _ = uda.uda_loss(tl, lab["label"], tw, ts,
-                              weight=cfg.uda.weight, **uda.uda_kwargs(cfg))
+      total, _ = uda.uda_loss(
+          tl, lab["label"], tw, ts, weight=cfg.uda.weight,
+          temperature=cfg.uda.temperature, threshold=cfg.uda.threshold,
+          label_smoothing=cfg.uda.label_smoothing, mask_on=cfg.uda.mask_on)
       return total, ts
 
     if mode == "exact":
@@ -459,3 +454,129 @@ def test_train_step_teacher_gradient_is_the_documented_one(mode, baseline):
     chex.assert_trees_all_close(
         new.teacher.model_state,
         stats(state.teacher.params, t_ms, x_t), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters: parsed, validated and built once
+
+
+def _hp(cfg, method="mpl"):
+  """`method`'s hyperparameters of `cfg`, as the trainer parses them."""
+  task = methods.Task(num_classes=3, num_train=0, total_steps=10,
+                      steps_per_epoch=1)
+  return methods.base.bind(methods.get_method(method).hparams, task=task)(cfg)
+
+
+def test_mpl_hparams_are_parsed_from_the_blocks():
+  cfg = mpl_config("first_order", "dot_product")
+  cfg.mpl.baseline = "previous"
+  hp = _hp(cfg)
+  assert (hp.mpl.mode, hp.mpl.h, hp.mpl.baseline, hp.mpl.baseline_decay,
+          hp.mpl.temperature, hp.mpl.sample_labels) == (
+              "first_order", "dot_product", "previous", 0.01, 1.0, False)
+  assert hp.label_smoothing == 0.1
+  assert (hp.uda.weight, hp.uda.ramp_steps, hp.uda.temperature,
+          hp.uda.threshold) == (2.0, 2, 0.7, 0.6)
+  # The teacher's schedule: warm-up over 1 step, cosine over total_steps=10.
+  np.testing.assert_allclose(float(hp.teacher_schedule(0)), 0.05)
+  np.testing.assert_allclose(float(hp.teacher_schedule(5)),
+                             0.05 * 0.5 * (1 + np.cos(np.pi * 4 / 9)),
+                             rtol=1e-6)
+  ft = _hp(cfg, "mpl_finetune")
+  assert (ft.finetune_from, ft.label_smoothing) == ("ema", 0.1)
+
+
+@pytest.mark.parametrize("method", ["mpl", "mpl_finetune"])
+def test_unknown_mpl_key_names_the_key_and_the_fields(method):
+  cfg = mpl_config()
+  cfg.mpl.baseline_momentum = 0.9
+  with pytest.raises(R2D2Error) as e:
+    _hp(cfg, method)
+  msg = str(e.value)
+  assert "config.mpl: unknown key(s) baseline_momentum" in msg
+  for field in ("mode (required)", "teacher_optimizer (required)",
+                "h='difference'", "baseline='updated'", "finetune_from='ema'",
+                "baseline_decay=0.01", "temperature=1.0",
+                "sample_labels=False"):
+    assert field in msg, (field, msg)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("mode", "second_order", "config.mpl: mode='second_order'; choose one of "
+     "'exact', 'first_order', 'official_compat'"),
+    ("h", "ratio", "config.mpl: h='ratio'; choose one of 'difference', "
+     "'dot_product'"),
+    ("baseline", "before", "config.mpl: baseline='before'; choose one of "
+     "'updated', 'previous'"),
+    ("temperature", 0.0, r"config.mpl: temperature=0.0 is outside \(0.0, inf"),
+    ("baseline_decay", 1.5, r"config.mpl: baseline_decay=1.5 is outside "
+     r"\[0.0, 1.0\]"),
+    ("sample_labels", 1, "config.mpl: sample_labels=1 must be True or False"),
+])
+def test_bad_mpl_values_name_the_field_and_the_valid_ones(key, value, match):
+  cfg = mpl_config()
+  cfg.mpl = ml_collections.ConfigDict({**cfg.mpl.to_dict(), key: value})
+  with pytest.raises(R2D2Error, match=match):
+    _hp(cfg)
+
+
+def test_bad_teacher_optimizer_uda_and_smoothing_are_named():
+  cfg = mpl_config()
+  cfg.mpl.teacher_optimizer.name = "lion"
+  with pytest.raises(R2D2Error,
+                     match="config.mpl.teacher_optimizer: .*lion.*sgd"):
+    _hp(cfg)
+  cfg = mpl_config()
+  cfg.uda.weigth = 1.0
+  with pytest.raises(R2D2Error,
+                     match="config.uda: unknown key.*weigth"):
+    _hp(cfg)
+  cfg = mpl_config()
+  cfg.label_smoothing = 1.0
+  with pytest.raises(R2D2Error, match="label_smoothing=1.0"):
+    _hp(cfg)
+  cfg = mpl_config()
+  del cfg["mpl"]
+  with pytest.raises(R2D2Error, match="config.mpl is missing"):
+    _hp(cfg)
+
+
+def test_teacher_optimizer_is_built_once_and_the_step_uses_it(monkeypatch):
+  """Built when the hyperparameters are parsed; the traced step builds none."""
+  with jax.enable_x64(True):
+    calls = []
+    real = mpl.optim.make_optimizer
+    monkeypatch.setattr(mpl.optim, "make_optimizer",
+                        lambda *a: calls.append(a) or real(*a))
+    cfg = mpl_config()
+    ctx = helpers.StepContext(cfg, TinyBNNet(), optax.sgd(0.5),
+                              lambda step: jnp.float64(0.5), image_shape=(4,),
+                              num_classes=3, total_steps=10)
+    assert len(calls) == 1 and calls[0][1] == 10  # the stage's total_steps
+
+    def fail(*a):
+      raise AssertionError("make_optimizer called inside the step")
+    monkeypatch.setattr(mpl.optim, "make_optimizer", fail)
+    rng = np.random.default_rng(0)
+    x = lambda n: jnp.asarray(rng.normal(size=(n, 4)))
+    y = lambda n: jnp.asarray(rng.integers(0, 3, n), jnp.int32)
+    batch = {"labeled": {"weak": x(6), "label": y(6)},
+             "unlabeled": {"weak": x(8), "strong": x(8), "label": y(8)}}
+    state = ctx.bind(mpl.init_state)(jax.random.key(0))
+    key = jax.random.key(1)
+    # The teacher's step is hp.teacher_tx's: a zero optimizer freezes it (the
+    # teacher's real update is checked in tests/test_update_rules.py).
+    frozen = dataclasses.replace(ctx.hp, teacher_tx=optax.set_to_zero())
+    step = methods.base.bind(mpl.train_step, net=ctx.net, hp=frozen)
+    new, _ = jax.jit(step)(state, batch, key)
+    chex.assert_trees_all_equal(new.teacher.params, state.teacher.params)
+    assert int(new.teacher.step) == 1
+    assert float(jnp.max(jnp.abs(
+        new.student.params["Dense_0"]["kernel"] -
+        state.student.params["Dense_0"]["kernel"]))) > 1e-6
+
+
+def test_train_step_dispatches_by_mode():
+  assert set(mpl.MODE_STEPS) == set(mpl.MODES)
+  assert methods.get_method("mpl") is mpl.METHOD
+  assert methods.get_method("mpl_finetune") is mpl.FINETUNE

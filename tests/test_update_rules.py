@@ -79,12 +79,13 @@ from flax import linen as nn
 
 from configs import common
 from r2d2_jax import sharding
+from r2d2_jax.data import views
 from r2d2_jax.methods import mpl
 from r2d2_jax.methods import r2d2
 from r2d2_jax.methods import semimeta
 from r2d2_jax.methods import supervised
 from r2d2_jax.methods import uda
-from r2d2_jax.methods.base import Context
+from r2d2_jax.methods.base import HookContext
 from r2d2_jax.state import TrainState
 from tests import helpers
 
@@ -225,14 +226,15 @@ def random_train_state(rng, tx, bn=False, din=D, scale=1.0, step=1,
 
 def make_ctx(config, model, tx=None, mesh=None, **kwargs):
   kwargs.setdefault("num_train", 0)
-  return Context(config=config, model=model, tx=tx or student_tx(),
-                 schedule=lambda step: jnp.asarray(LR, jnp.float64),
-                 num_classes=C, image_shape=(1, D, 1), total_steps=100,
-                 steps_per_epoch=4, mesh=mesh, **kwargs)
+  return helpers.StepContext(
+      config, model, tx or student_tx(),
+      lambda step: jnp.asarray(LR, jnp.float64), image_shape=(1, D, 1),
+      num_classes=C, total_steps=100, steps_per_epoch=4, mesh=mesh, **kwargs)
 
 
 def run_step(train_step, state, batch, ctx, key=1):
-  step = jax.jit(lambda s, b, k: train_step(s, b, k, ctx))
+  """`train_step` bound as the trainer binds it, jitted, on one batch."""
+  step = jax.jit(ctx.bind(train_step))
   return step(state, batch, jax.random.key(key))
 
 
@@ -397,6 +399,16 @@ def test_r2d2_d2_step(label_grad):
   assert (moved[:8] == 0).all() and (moved[14:] == 0).all()
   np.testing.assert_allclose(float(metrics["losses/total"]), float(value),
                              rtol=1e-12)
+  # The batch's pseudo-labels argmax Y[i] (before the step) against the
+  # hidden true labels; every row counts (the table's rows are soft).
+  acc = np.mean(table[unl_idx].argmax(-1) ==
+                np.asarray(batch["unlabeled"]["label"]))
+  assert 0 < acc < 1
+  for name in ("monitors/pseudo_label_accuracy",
+               "monitors/pseudo_label_accuracy_masked",
+               "pseudo_labels/batch_accuracy"):
+    np.testing.assert_allclose(float(metrics[name]), acc, rtol=1e-6)
+  assert float(metrics["monitors/mask"]) == 1.0
 
 
 def test_r2d2_finetune_step():
@@ -408,8 +420,13 @@ def test_r2d2_finetune_step():
   idx = np.array([2, 9, 17, 5, 11, 19, 8, 14])
   batch = {"unlabeled": {"weak": x_of(rng, 8), "label": y_of(rng, 8),
                          "index": jnp.asarray(idx, jnp.int32)}}
-  new, _ = run_step(r2d2.finetune_step, state, batch, ctx)
+  new, metrics = run_step(r2d2.finetune_step, state, batch, ctx)
   target = onehot(np.argmax(np.asarray(state.table)[idx], -1))
+  acc = np.mean(np.argmax(np.asarray(state.table)[idx], -1) ==
+                np.asarray(batch["unlabeled"]["label"]))
+  assert 0 < acc < 1
+  np.testing.assert_allclose(float(metrics["monitors/pseudo_label_accuracy"]),
+                             acc, rtol=1e-6)
 
   def loss(params):
     z, ms = ref_forward(params, state.model_state, batch["unlabeled"]["weak"],
@@ -421,26 +438,25 @@ def test_r2d2_finetune_step():
   np.testing.assert_array_equal(new.table, state.table)
 
 
-def _fake_stage(ctx, state, images, config):
-  """The parts of a `train.Stage` the R2-D2 hook reads."""
+def _hook_context(ctx, state, images, eval_batch_size=16):
+  """The `HookContext` the trainer hands the R2-D2 hook, over `images`."""
 
-  class Pipeline:
-
-    def eval_batches(self, split, batch_size):
-      assert split == "train"
-      n = len(images)
-      for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        mask = idx < n
-        idx = np.where(mask, idx, 0)
-        yield {"image": images[idx], "label": np.zeros_like(idx),
-               "index": idx.astype(np.int32), "mask": mask}
+  def eval_batches(split):
+    assert split == "train"
+    n = len(images)
+    for start in range(0, n, eval_batch_size):
+      idx = np.arange(start, start + eval_batch_size)
+      mask = idx < n
+      idx = np.where(mask, idx, 0)
+      yield {"image": images[idx], "label": np.zeros_like(idx),
+             "index": idx.astype(np.int32), "mask": mask}
 
   info = types.SimpleNamespace(mean=(0.5,), std=(2.0,))
-  return types.SimpleNamespace(
-      ctx=ctx, mesh=ctx.mesh, config=config, info=info, pipeline=Pipeline(),
-      cache={}, total_steps=100,
-      state_shardings=r2d2.state_sharding(state, ctx.mesh))
+  return HookContext(
+      net=ctx.net, task=ctx.task, hp=ctx.hp, mesh=ctx.mesh,
+      state_shardings=r2d2.state_sharding(state, ctx.mesh), total_steps=100,
+      log_every=100, eval_batches=eval_batches,
+      normalize=lambda images: views.normalize(images, info))
 
 
 def test_r2d2_reprediction_hook():
@@ -450,23 +466,21 @@ def test_r2d2_reprediction_hook():
   rng = np.random.default_rng(2)
   cfg = r2d2_config()
   cfg.r2d2.repredict_epochs = (0, 1.5)   # steps 0 and 6 at 4 steps per epoch
-  cfg.data.eval_batch_size = 16
-  cfg.log_every_steps = 0
   ctx = make_ctx(cfg, Net(bn=True), mesh=mesh8(), num_train=N_TRAIN,
                  train_labels=np.zeros(N_TRAIN, np.int32))
   state = r2d2_state(rng, ctx, bn=True)
   images = rng.integers(0, 256, (N_TRAIN, D)).astype(np.uint8)
-  stage = _fake_stage(ctx, state, images, cfg)
+  hooks = _hook_context(ctx, state, images)
   table = np.asarray(state.table)
   # Placed as the trainer places it (else each call compiles anew).
   copy = lambda s: jax.device_put(jax.tree.map(jnp.array, s),
-                                  stage.state_shardings)
+                                  hooks.state_shardings)
 
-  same, m5 = r2d2.r2d2_hook(stage, copy(state), 5)
+  same, m5 = r2d2.r2d2_hook(hooks, copy(state), 5)
   np.testing.assert_array_equal(same.table, table)
   assert "r2d2/repredicted" not in m5
 
-  new, m6 = r2d2.r2d2_hook(stage, copy(state), 6)
+  new, m6 = r2d2.r2d2_hook(hooks, copy(state), 6)
   assert m6["r2d2/repredicted"] == 1.0
   x = (images.astype(np.float32) - np.float32(0.5)) / np.float32(2.0)
   z, _ = ref_forward(state.params, state.model_state, jnp.asarray(x),
@@ -482,8 +496,10 @@ def test_r2d2_reprediction_hook():
 
 def _iterate(train_step, state, batch, ctx, steps):
   """`steps` real train steps on the same batch, in one compiled loop."""
+  step = ctx.bind(train_step)
+
   def body(_, s):
-    return train_step(s, batch, jax.random.key(0), ctx)[0]
+    return step(s, batch, jax.random.key(0))[0]
   return jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s))(state)
 
 
@@ -640,7 +656,7 @@ def test_uda_step(case, mask_on):
 
   (_, mask), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
   assert_network_update(new, _Old(state), grads, {})
-  np.testing.assert_allclose(float(metrics["uda/mask"]),
+  np.testing.assert_allclose(float(metrics["monitors/mask"]),
                              float(jnp.mean(mask)), rtol=1e-12)
   if case == "threshold":
     assert 0 < float(jnp.mean(mask)) < 1, mask
@@ -711,8 +727,8 @@ def test_mpl_step(mode, h_kind, baseline):
   """
   rng = np.random.default_rng(6)
   cfg = mpl_config(mode, h_kind, baseline)
-  t_tx, _ = mpl.teacher_optimizer(make_ctx(cfg, Net()))
   ctx = make_ctx(cfg, Net())
+  t_tx = ctx.hp.teacher_tx   # config.mpl.teacher_optimizer, built once
   teacher = random_train_state(rng, t_tx, scale=2.0)
   student = random_train_state(rng, ctx.tx, scale=1.0, step=2)
   state = mpl.MPLState(step=jnp.asarray(1, jnp.int32), teacher=teacher,
@@ -818,7 +834,7 @@ def test_semimeta_step(mode, mixup_alpha):
            "unlabeled": {"weak": x_of(rng, 8), "label": y_of(rng, 8),
                          "index": jnp.arange(8, 16, dtype=jnp.int32)}}
   key = jax.random.key(3)
-  new, _ = run_step(semimeta.train_step, state, batch, ctx, key=3)
+  new, metrics = run_step(semimeta.train_step, state, batch, ctx, key=3)
 
   lab, unl = batch["labeled"], batch["unlabeled"]
   x_l, y_l, x_u = lab["weak"], lab["label"], unl["weak"]
@@ -865,3 +881,10 @@ def test_semimeta_step(mode, mixup_alpha):
 
   (_, ms), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
   assert_network_update(new, _Old(state), grads, ms)
+  # ŷ's accuracy against the hidden labels (every row: no mask).
+  acc = float(jnp.mean(jnp.argmax(y_hat, -1) == unl["label"]))
+  assert 0 < acc < 1
+  np.testing.assert_allclose(float(metrics["monitors/pseudo_label_accuracy"]),
+                             acc, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["pseudo_labels/accuracy"]), acc,
+                             rtol=1e-6)

@@ -492,7 +492,3 @@ def pseudo_label_monitors(pseudo_labels: jax.Array, true_labels: jax.Array,
         jnp.sum(mask * correct) / jnp.maximum(jnp.sum(mask), 1e-12))
   return out
 
-
-
-# TEMPORARY (migration in progress): lets the unmigrated modules import.
-Context = Any

@@ -1,42 +1,57 @@
 """Meta Pseudo Labels (MPL, docs/algorithms.md, "Meta Pseudo Labels"): a teacher taught by its student.
 
 Teacher T(θT) and student S(θS), the same architecture, each with its own
-optimizer and schedule (the student's is `config.optimizer`, the teacher's
-`config.mpl.teacher_optimizer`). One jitted step:
+optimizer and schedule (the student's is `config.optimizer`, the `net` of the
+stage; the teacher's `config.mpl.teacher_optimizer`, built once into
+`MPLHparams.teacher_tx` / `teacher_schedule`). One jitted step:
 
 1. The teacher runs once (train mode) on [x_l, weak x_u, strong x_u]; its
    logits on the strong view give the pseudo-labels ŷ.
 2. The student takes its real optimizer step on CE(ŷ, S(strong x_u))
    (label smoothing `config.label_smoothing`).
 3. The teacher's gradient is its UDA loss (`uda.uda_loss`, `config.uda`) plus
-   an MPL term that depends on `config.mpl.mode`:
-   - 'exact': ŷ = softmax(T(x_u)/τ) (soft). The teacher minimises
-     L_l(θS'(θT)) with θS' = θS − ηS ∇θS CE(ŷ, S(x_u; θS)) a plain SGD step at
-     the student's current lr; `jax.grad` goes straight through that step (a
-     Hessian-vector product).
-   - 'first_order' (the paper): ŷ hard (argmax, or sampled from T when
-     `config.mpl.sample_labels`). The teacher adds (h − b)·CE(ŷ, T(x_u)) with h
-     held constant, h = CE_old − CE_new (student labeled CE before minus after
-     its real step, `config.mpl.h = 'difference'`) or
-     h = ηS ⟨∇L_l(θS'), ∇CE_u(θS)⟩ (`'dot_product'`), and b the moving average
-     b ← b − 0.01 (b − h). A label that lowered the student's labeled loss
-     (h > b) becomes more likely under the teacher.
+   an MPL term that depends on `config.mpl.mode`, one step function each:
+   - 'exact' (`exact_step`): ŷ = softmax(T(x_u)/τ) (soft). The teacher
+     minimises L_l(θS'(θT)) with θS' = θS − ηS ∇θS CE(ŷ, S(x_u; θS)) a plain
+     SGD step at the student's current lr; `jax.grad` goes straight through
+     that step (a Hessian-vector product).
+   - 'first_order' (`first_order_step`, the paper): ŷ hard (argmax, or sampled
+     from T when `config.mpl.sample_labels`). The teacher adds
+     (h − b)·CE(ŷ, T(x_u)) with h held constant, h = CE_old − CE_new (student
+     labeled CE before minus after its real step, `config.mpl.h =
+     'difference'`) or h = ηS ⟨∇L_l(θS'), ∇CE_u(θS)⟩ (`'dot_product'`), and b
+     the moving average b ← b − 0.01 (b − h). A label that lowered the
+     student's labeled loss (h > b) becomes more likely under the teacher.
      `config.mpl.baseline` says which b is subtracted: 'updated' (default, the
      official code: `training_utils.py` runs `moving_dot_product_update` under
      a control dependency before `dot_product − moving_dot_product`, so this
      step's h is already in b) or 'previous' (b before this step's update).
-   - 'official_compat': what the released TF code does, FOR COMPARISON ONLY:
-     the student learns from soft teacher probabilities, h = CE_new − CE_old
-     (the opposite sign to the derivation), and the MPL term is
-     (h − b)·CE(stop_grad(softmax(t)), t), whose gradient w.r.t. the logits t is
-     exactly zero: only the UDA and supervised losses train the teacher.
+   - 'official_compat' (`official_compat_step`): what the released TF code
+     does, FOR COMPARISON ONLY: the student learns from soft teacher
+     probabilities, h = CE_new − CE_old (the opposite sign to the derivation),
+     and the MPL term is (h − b)·CE(stop_grad(softmax(t)), t), whose gradient
+     w.r.t. the logits t is exactly zero: only the UDA and supervised losses
+     train the teacher.
 4. The teacher takes its optimizer step; both keep an EMA; the student's EMA is
    evaluated (accuracy/test/ema), beside its raw weights and the teacher.
+
+The three step functions share `teacher_forward` (1), `student_step` (2) and
+`teacher_update` (3, 4, the baseline and the metrics).
 
 BatchNorm: every forward pass is in train mode (batch statistics); only the
 real student step (on strong x_u) and the teacher's forward keep their updated
 running statistics, the auxiliary passes (labeled CE before/after, the inner
 step of 'exact') discard theirs.
+
+Metrics: the standard lr, l2_grads, l2_params, l2_updates (the student's; the
+teacher's with a '/teacher' suffix); losses/xe and losses/xeu (the teacher's
+UDA parts, also logged under the official code's names
+cross_entropy/teacher_on_l, cross_entropy/teacher_on_u); monitors/mask (the
+teacher's UDA mask), monitors/pseudo_label_accuracy (the student's targets ŷ
+against the hidden labels; _masked: over the rows the UDA mask keeps),
+monitors/weight (the UDA weight); mpl/dot_product (h), mpl/moving_dot_product
+(the b subtracted), mpl/term; cross_entropy/student_on_{l,l_new,u}; lr/teacher,
+lr/student; losses/teacher, losses/student, losses/total.
 
 Method 'mpl_finetune' is the last stage: the student alone, CE on the labeled
 data (a plain `TrainState` started from the MPL student).
@@ -49,10 +64,12 @@ dropout) or 'raw'. See docs/algorithms.md, "Meta Pseudo Labels".
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import struct
 
@@ -62,7 +79,11 @@ from r2d2_jax import optim
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import supervised
 from r2d2_jax.methods import uda
-from r2d2_jax.methods.base import (Context, Method, copy_network, step_metrics)
+from r2d2_jax.methods.base import (Method, Network, Task, check_choice,
+                                   check_range, copy_network,
+                                   default_init_state, parse_block,
+                                   pseudo_label_monitors, register,
+                                   step_metrics)
 from r2d2_jax.state import TrainState
 
 PyTree = Any
@@ -72,19 +93,119 @@ BASELINES = ("updated", "previous")
 FINETUNE_FROM = ("ema", "raw")
 
 
-class MPLState(struct.PyTreeNode):
-  """Teacher and student side by side.
+# ---------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclasses.dataclass(frozen=True)
+class MPLBlock:
+  """The `config.mpl` block (docs/algorithms.md, "Meta Pseudo Labels").
 
   Attributes:
-    step: MPL steps taken (int32 scalar).
-    teacher: the teacher network and its optimizer state.
-    student: the student network (its EMA is what is evaluated).
-    baseline: moving average b of h (float32 scalar).
+    mode: the teacher's gradient: 'exact', 'first_order' or 'official_compat'.
+    teacher_optimizer: the teacher's optimizer block (`optim.make_optimizer`).
+    h: 'difference' (CE_old − CE_new) or 'dot_product' (first_order only).
+    sample_labels: first_order: sample ŷ from the teacher instead of argmax.
+    temperature: τ of the exact mode's soft labels, > 0.
+    baseline_decay: d of b ← b − d·(b − h), in [0, 1].
+    baseline: 'updated' (b after this step's update, the official order) or
+      'previous'.
+    finetune_from: which student `mpl_finetune` starts from: 'ema' or 'raw'.
   """
-  step: jax.Array
-  teacher: TrainState
-  student: TrainState
-  baseline: jax.Array
+  mode: str
+  teacher_optimizer: Any
+  h: str = "difference"
+  sample_labels: bool = False
+  temperature: float = 1.0
+  baseline_decay: float = 0.01
+  baseline: str = "updated"
+  finetune_from: str = "ema"
+
+  def __post_init__(self):
+    check_choice("mode", self.mode, MODES)
+    if not isinstance(self.teacher_optimizer, dict):
+      raise ValueError(f"teacher_optimizer={self.teacher_optimizer!r} must be "
+                       "an optimizer block (dict(name=..., lr=..., "
+                       "schedule=...)).")
+    check_choice("h", self.h, H_KINDS)
+    if not isinstance(self.sample_labels, bool):
+      raise ValueError(f"sample_labels={self.sample_labels!r} must be True or "
+                       "False.")
+    check_range("temperature", self.temperature, 0.0, lo_open=True)
+    check_range("baseline_decay", self.baseline_decay, 0.0, 1.0)
+    check_choice("baseline", self.baseline, BASELINES)
+    check_choice("finetune_from", self.finetune_from, FINETUNE_FROM)
+
+
+def parse_mpl_block(config: ml_collections.ConfigDict) -> MPLBlock:
+  """`config.mpl` as `MPLBlock` (an error names a bad or unknown field)."""
+  if config.get("mpl") is None:
+    raise R2D2Error("config.mpl is missing; it needs mode and "
+                    "teacher_optimizer (configs/common.py `mpl_stages`).")
+  return parse_block(MPLBlock, config.mpl, "config.mpl")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MPLHparams:
+  """What the MPL step reads, parsed and built once when the stage is.
+
+  Attributes:
+    mpl: the `config.mpl` block.
+    uda: the teacher's UDA loss (`config.uda`).
+    label_smoothing: of the student's CE on ŷ (`config.label_smoothing`).
+    teacher_tx: the teacher's optimizer, from `config.mpl.teacher_optimizer`
+      over the stage's `total_steps`.
+    teacher_schedule: its learning-rate schedule (logged as lr/teacher).
+  """
+  mpl: MPLBlock
+  uda: uda.UdaHparams
+  label_smoothing: float
+  teacher_tx: optax.GradientTransformation
+  teacher_schedule: optax.Schedule
+
+  def teacher(self, net: Network) -> Network:
+    """The teacher: the student's model and EMA decay, its own optimizer."""
+    return dataclasses.replace(net, tx=self.teacher_tx,
+                               schedule=self.teacher_schedule)
+
+
+def hparams(config: ml_collections.ConfigDict, task: Task) -> MPLHparams:
+  """config.mpl, config.uda, config.label_smoothing; the teacher's optimizer.
+
+  Raises:
+    R2D2Error: naming the field, for a bad or unknown key of either block, a
+      label smoothing outside [0, 1), or a bad teacher optimizer.
+  """
+  block = parse_mpl_block(config)
+  smoothing = supervised.hparams(config).label_smoothing
+  try:
+    tx, schedule = optim.make_optimizer(config.mpl.teacher_optimizer,
+                                        task.total_steps)
+  except (R2D2Error, ValueError, KeyError, AttributeError) as e:
+    raise R2D2Error(f"config.mpl.teacher_optimizer: {e}") from None
+  return MPLHparams(mpl=block, uda=uda.parse_uda(config),
+                    label_smoothing=smoothing, teacher_tx=tx,
+                    teacher_schedule=schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneHparams:
+  """The `mpl_finetune` stage: label_smoothing of its CE, finetune_from."""
+  label_smoothing: float = 0.0
+  finetune_from: str = "ema"
+
+
+def finetune_hparams(config: ml_collections.ConfigDict) -> FinetuneHparams:
+  """`config.label_smoothing` and `config.mpl.finetune_from` (default 'ema').
+
+  The finetune stage inherits the MPL stage's `mpl` block: it is checked as
+  strictly as there (every key), and read for `finetune_from` only.
+  """
+  which = (parse_mpl_block(config).finetune_from
+           if config.get("mpl") is not None else "ema")
+  return FinetuneHparams(
+      label_smoothing=supervised.hparams(config).label_smoothing,
+      finetune_from=which)
 
 
 # ---------------------------------------------------------------------------
@@ -219,43 +340,30 @@ def update_baseline(baseline: jax.Array, h: jax.Array,
 
 
 # ---------------------------------------------------------------------------
-# Optimizers and state
+# State
 
 
-def teacher_optimizer(ctx: Context
-                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The teacher's (tx, schedule) from `config.mpl.teacher_optimizer`.
+class MPLState(struct.PyTreeNode):
+  """Teacher and student side by side.
 
-  Rebuilt on each call: optax transformations are pure, so building them inside
-  a traced step costs nothing at run time and keeps the step a function of
-  (state, batch, rng, ctx) only.
+  Attributes:
+    step: MPL steps taken (int32 scalar).
+    teacher: the teacher network and its optimizer state.
+    student: the student network (its EMA is what is evaluated).
+    baseline: moving average b of h (float32 scalar).
   """
-  return optim.make_optimizer(ctx.config.mpl.teacher_optimizer,
-                              ctx.total_steps)
+  step: jax.Array
+  teacher: TrainState
+  student: TrainState
+  baseline: jax.Array
 
 
-def _check_config(ctx: Context) -> None:
-  cfg = ctx.config.mpl
-  if cfg.mode not in MODES:
-    raise R2D2Error(f"config.mpl.mode={cfg.mode!r}; choose one of {MODES}.")
-  if cfg.get("h", "difference") not in H_KINDS:
-    raise R2D2Error(f"config.mpl.h={cfg.h!r}; choose one of {H_KINDS}.")
-  if cfg.get("baseline", "updated") not in BASELINES:
-    raise R2D2Error(f"config.mpl.baseline={cfg.baseline!r}; choose one of "
-                    f"{BASELINES}.")
-
-
-def init_state(rng: jax.Array, ctx: Context) -> MPLState:
+def init_state(rng: jax.Array, *, net: Network, hp: MPLHparams) -> MPLState:
   """Teacher and student initialised independently (same architecture)."""
-  _check_config(ctx)
   k_teacher, k_student = jax.random.split(rng)
-  t_tx, _ = teacher_optimizer(ctx)
-  x = jnp.zeros((1, *ctx.image_shape), jnp.float32)
-  t_vars = ctx.model.init({"params": k_teacher, **ctx.rngs(k_teacher)}, x,
-                          train=False)
   return MPLState(step=jnp.zeros((), jnp.int32),
-                  teacher=TrainState.create(t_vars, t_tx),
-                  student=ctx.init_train_state(k_student),
+                  teacher=net.init_train_state(k_teacher, hp.teacher_tx),
+                  student=net.init_train_state(k_student),
                   baseline=jnp.zeros((), jnp.float32))
 
 
@@ -266,181 +374,327 @@ def eval_variables(state: MPLState) -> dict[str, PyTree]:
           "teacher": state.teacher.variables()}
 
 
-def init_from(state: MPLState, previous: dict, ctx: Context) -> MPLState:
+def init_from(state: MPLState, previous: dict) -> MPLState:
   """Starts the student (and the teacher) from a previous stage.
 
   From an MPL checkpoint each network continues from its own; from a
   single-network checkpoint (e.g. a supervised warm-up) both start from it.
   Optimizer states, steps and the baseline start fresh.
   """
-  student = copy_network(state.student, previous, ctx)
-  teacher = copy_network(state.teacher, previous.get("teacher", previous), ctx)
+  student = copy_network(state.student, previous)
+  teacher = copy_network(state.teacher, previous.get("teacher", previous))
   return state.replace(student=student, teacher=teacher)
 
 
-def views(config) -> dict[str, tuple[str, ...]]:
-  del config
+def views(hp) -> dict[str, tuple[str, ...]]:
+  del hp
   return {"labeled": ("weak",), "unlabeled": ("weak", "strong")}
 
 
 # ---------------------------------------------------------------------------
-# The step
+# The parts every mode's step is made of
 
 
-def train_step(state: MPLState, batch, rng: jax.Array, ctx: Context):
-  """One MPL step: the student's real step, then the teacher's (module doc).
+class Inputs(NamedTuple):
+  """One step's images and labels (`y_u`: hidden labels, diagnostics only)."""
+  x_l: jax.Array
+  y_l: jax.Array
+  x_w: jax.Array
+  x_s: jax.Array
+  y_u: jax.Array
+
+
+class Keys(NamedTuple):
+  """One step's keys: teacher forward, student on x_u / x_l, label sampling."""
+  teacher: jax.Array
+  student_u: jax.Array
+  student_l: jax.Array
+  sample: jax.Array
+
+
+def step_inputs(batch, rng: jax.Array) -> tuple[Inputs, Keys]:
+  """The batch's arrays and the step's four keys (one split, in this order)."""
+  lab, unl = batch["labeled"], batch["unlabeled"]
+  inputs = Inputs(lab["weak"], lab["label"], unl["weak"], unl["strong"],
+                  unl["label"])
+  return inputs, Keys(*jax.random.split(rng, 4))
+
+
+class TeacherForward(NamedTuple):
+  """The teacher's one train-mode forward on [x_l, weak x_u, strong x_u].
+
+  Attributes:
+    logits: the concatenated logits.
+    logits_s: the strong view's rows (ŷ comes from them).
+    vjp: cotangent of `logits` ↦ (∇θT,): the backward runs once, after the
+      MPL term (which needs the student's step) is known.
+    model_state: the teacher's updated BatchNorm statistics (kept).
+    sizes: (n_l, n_u).
+  """
+  logits: jax.Array
+  logits_s: jax.Array
+  vjp: Callable[[jax.Array], tuple[PyTree]]
+  model_state: PyTree
+  sizes: tuple[int, int]
+
+  def split(self, logits: jax.Array) -> list[jax.Array]:
+    """[labeled, weak, strong] rows of `logits` (this forward's or a copy)."""
+    n_l, n_u = self.sizes
+    return jnp.split(logits, [n_l, n_l + n_u])
+
+
+def teacher_forward(teacher: TrainState, inputs: Inputs, key: jax.Array,
+                    t_net: Network) -> TeacherForward:
+  """Step 1: the teacher's forward pass, kept as a VJP."""
+  def forward(params):
+    return t_net.apply_train(
+        {"params": params, **teacher.model_state},
+        jnp.concatenate([inputs.x_l, inputs.x_w, inputs.x_s]), key)
+
+  logits, vjp, model_state = jax.vjp(forward, teacher.params, has_aux=True)
+  sizes = (inputs.x_l.shape[0], inputs.x_w.shape[0])
+  return TeacherForward(logits, logits[sum(sizes):], vjp, model_state, sizes)
+
+
+def labeled_ce(student: TrainState, inputs: Inputs, key: jax.Array,
+               net: Network) -> Callable[[PyTree], jax.Array]:
+  """θS ↦ CE(y_l, S(x_l; θS)): train mode, BatchNorm updates discarded.
+
+  One dropout key for every call, so "before" and "after" see the same mask.
+  """
+  def ce_l(params):
+    logits = net.apply_train({"params": params, **student.model_state},
+                             inputs.x_l, key)[0]
+    return losses.cross_entropy(logits, inputs.y_l)
+  return ce_l
+
+
+class StudentStep(NamedTuple):
+  """Step 2: the student's real step on CE(ŷ, S(strong x_u)).
+
+  Attributes:
+    new: the student after its optimizer step and EMA update.
+    grads: ∇θS CE(ŷ, S(x_s; θS)).
+    loss: CE(ŷ, S(x_s; θS)).
+    lr: ηS, the student's lr at this step.
+    targets_vjp: with `linearize`, cotangent of `grads` ↦ (cotangent of ŷ,):
+      the transpose of the inner backward that 'exact' differentiates through.
+  """
+  new: TrainState
+  grads: PyTree
+  loss: jax.Array
+  lr: jax.Array
+  targets_vjp: Callable[[PyTree], tuple[jax.Array]] | None
+
+
+def student_step(student: TrainState, inputs: Inputs, targets: jax.Array,
+                 key: jax.Array, net: Network, hp: MPLHparams, *,
+                 linearize: bool = False) -> StudentStep:
+  """Step 2: the student's optimizer step on ŷ (BatchNorm statistics kept).
+
+  With `linearize` ('exact'), the gradient is computed linearised in ŷ: the
+  inner SGD step of 'exact' differentiates ∇θS CE(ŷ, S(x_s; θS)) at the same
+  θS, x_s, dropout key and ŷ as this real step, so one backward serves both
+  (its transpose is the meta-gradient).
+  """
+  def loss(params, y):
+    logits, model_state = net.apply_train(
+        {"params": params, **student.model_state}, inputs.x_s, key)
+    return losses.soft_cross_entropy(
+        logits, y, label_smoothing=hp.label_smoothing), model_state
+
+  if linearize:
+    def grad_of_targets(y):
+      (value, model_state), grads = jax.value_and_grad(
+          loss, has_aux=True)(student.params, y)
+      return grads, (value, model_state)
+
+    grads, targets_vjp, (value, model_state) = jax.vjp(
+        grad_of_targets, targets, has_aux=True)
+  else:
+    (value, model_state), grads = jax.value_and_grad(
+        loss, has_aux=True)(student.params, targets)
+    targets_vjp = None
+  new = student.apply_gradients(grads, net.tx, model_state, net.ema_decay)
+  return StudentStep(new, grads, value, net.schedule(student.step),
+                     targets_vjp)
+
+
+MPLTerm = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def teacher_update(state: MPLState, inputs: Inputs, fwd: TeacherForward,
+                   targets: jax.Array, s: StudentStep, ce_old_new, h,
+                   mpl_term: MPLTerm, *, net: Network, hp: MPLHparams
+                   ) -> tuple[MPLState, dict[str, jax.Array]]:
+  """Steps 3 and 4: the baseline, the teacher's loss and step, the metrics.
 
   Args:
-    state: teacher, student and baseline.
-    batch: 'labeled' {'weak', 'label'} and 'unlabeled' {'weak', 'strong',
-      'label'} (the unlabeled labels only feed `pseudo_labels/accuracy`).
-    rng: this step's key (dropout, label sampling).
-    ctx: the stage's context; `ctx.tx` / `ctx.schedule` are the student's.
+    state: the state before the step.
+    inputs: the step's batch.
+    fwd: the teacher's forward.
+    targets: ŷ, the labels the student trained on.
+    s: the student's step.
+    ce_old_new: the student's labeled CE before and after its step (logged).
+    h: the mode's h (held constant; logged as mpl/dot_product).
+    mpl_term: (strong-view teacher logits, h − b) ↦ the mode's MPL term, added
+      to the teacher's UDA loss.
+    net: the student network (the teacher's is `hp.teacher(net)`).
+    hp: the hyperparameters.
 
   Returns:
     (new state, metrics).
   """
-  _check_config(ctx)
-  cfg = ctx.config.mpl
-  mode = cfg.mode
-  t_tx, t_schedule = teacher_optimizer(ctx)
-  lab, unl = batch["labeled"], batch["unlabeled"]
-  x_l, y_l = lab["weak"], lab["label"]
-  x_w, x_s = unl["weak"], unl["strong"]
-  n_l, n_u = x_l.shape[0], x_w.shape[0]
-  k_teacher, k_su, k_sl, k_sample = jax.random.split(rng, 4)
-  teacher, student = state.teacher, state.student
-  s_lr = ctx.schedule(student.step)
-  smoothing = ctx.config.get("label_smoothing", 0.0)
-
-  # Student passes that only measure: train mode, BN updates discarded. One
-  # dropout key per input, so "before" and "after" see the same mask.
-  def s_logits(params, x, key):
-    return ctx.apply_train({"params": params, **student.model_state}, x,
-                           key)[0]
-
-  def ce_l_fn(params):
-    return losses.cross_entropy(s_logits(params, x_l, k_sl), y_l)
-
-  # 1. The teacher's forward, kept as a VJP: its backward runs once, after
-  # the MPL coefficient (which needs the student's step) is known.
-  def t_forward(params):
-    return ctx.apply_train({"params": params, **teacher.model_state},
-                           jnp.concatenate([x_l, x_w, x_s]), k_teacher)
-
-  t_logits, t_vjp, t_model_state = jax.vjp(t_forward, teacher.params,
-                                           has_aux=True)
-  t_l, t_w, t_s = jnp.split(t_logits, [n_l, n_l + n_u])
-  targets = jax.lax.stop_gradient(pseudo_labels(
-      t_s, mode, temperature=cfg.get("temperature", 1.0),
-      sample=cfg.get("sample_labels", False), rng=k_sample))
-
-  # 2. The student's real step (BN statistics kept).
-  def s_loss(params, targets):
-    logits, model_state = ctx.apply_train(
-        {"params": params, **student.model_state}, x_s, k_su)
-    return losses.soft_cross_entropy(logits, targets,
-                                     label_smoothing=smoothing), model_state
-
-  if mode == "exact":
-    # The inner SGD step of 'exact' differentiates ∇θS CE(ŷ, S(x_s; θS)) at
-    # the same θS, x_s, dropout key and ŷ as this real step: compute that
-    # gradient once, linearised in ŷ (its transpose is the meta-gradient).
-    def s_grad(y):
-      (loss, model_state), grads = jax.value_and_grad(
-          s_loss, has_aux=True)(student.params, y)
-      return grads, (loss, model_state)
-
-    s_grads, inner_vjp, (s_loss_u, s_model_state) = jax.vjp(
-        s_grad, targets, has_aux=True)
-  else:
-    (s_loss_u, s_model_state), s_grads = jax.value_and_grad(
-        s_loss, has_aux=True)(student.params, targets)
-  new_student = student.apply_gradients(s_grads, ctx.tx, s_model_state,
-                                        ctx.ema_decay)
-
-  # h: always measured on the real step (logged); the mode decides what the
-  # teacher uses.
-  h_diff, ce_old, ce_new = h_difference(ce_l_fn, student.params,
-                                        new_student.params)
-  if mode == "official_compat":
-    h = -h_diff  # CE_new − CE_old, as released.
-  elif mode == "first_order" and cfg.get("h", "difference") == "dot_product":
-    h = h_dot_product(ce_l_fn, student.params, s_grads, s_lr)
-  else:
-    h = h_diff
+  t_net = hp.teacher(net)
+  teacher = state.teacher
   h = jax.lax.stop_gradient(h)
-  new_baseline = update_baseline(state.baseline, h,
-                                 cfg.get("baseline_decay", 0.01))
-  subtracted = (new_baseline if cfg.get("baseline", "updated") == "updated"
+  new_baseline = update_baseline(state.baseline, h, hp.mpl.baseline_decay)
+  subtracted = (new_baseline if hp.mpl.baseline == "updated"
                 else state.baseline)
   coef = h - subtracted
-
-  # 3. The teacher's loss as a function of its logits.
-  weight = uda.uda_weight(state.step, ctx.config)
-  if mode == "exact":
-    # L_l(θS'), θS' = θS − ηS ∇θS CE_u(θS, ŷ), and ∂L_l(θS')/∂ŷ.
-    stepped = meta.sgd_step(student.params, s_grads, s_lr)
-    exact_term, g_stepped = jax.value_and_grad(ce_l_fn)(stepped)
-    (g_targets,) = inner_vjp(jax.tree.map(lambda g: -s_lr * g, g_stepped))
+  weight = hp.uda.weight_at(state.step)
 
   def t_loss(logits):
-    tl, tw, ts = jnp.split(logits, [n_l, n_l + n_u])
-    uda_total, aux = uda.uda_loss(tl, y_l, tw, ts, weight=weight,
-                                  **uda.uda_kwargs(ctx.config))
-    if mode == "exact":
-      soft = pseudo_labels(ts, "exact", temperature=cfg.get("temperature", 1.0))
-      # Value L_l(θS'); gradient w.r.t. ts: ∂L_l(θS')/∂ŷ through the softmax.
-      surrogate = jnp.vdot(jax.lax.stop_gradient(g_targets), soft)
-      mpl_term = exact_term + surrogate - jax.lax.stop_gradient(surrogate)
-    elif mode == "first_order":
-      mpl_term = first_order_term(ts, targets, coef)
-    else:
-      mpl_term = official_compat_term(ts, coef)
-    return uda_total + mpl_term, (aux, mpl_term)
+    tl, tw, ts = fwd.split(logits)
+    uda_total, aux = uda.uda_loss(tl, inputs.y_l, tw, ts, weight=weight,
+                                  **hp.uda.loss_kwargs())
+    term = mpl_term(ts, coef)
+    return uda_total + term, (aux, term)
 
-  (t_total, (aux, mpl_term)), g_logits = jax.value_and_grad(
-      t_loss, has_aux=True)(t_logits)
-  (t_grads,) = t_vjp(g_logits)
-  new_teacher = teacher.apply_gradients(t_grads, t_tx, t_model_state,
-                                        ctx.ema_decay)
+  (t_total, (aux, term)), g_logits = jax.value_and_grad(
+      t_loss, has_aux=True)(fwd.logits)
+  (t_grads,) = fwd.vjp(g_logits)
+  new_teacher = teacher.apply_gradients(t_grads, t_net.tx, fwd.model_state,
+                                        t_net.ema_decay)
 
-  metrics = step_metrics(student, s_grads, ctx)
+  ce_old, ce_new = ce_old_new
+  student_m = step_metrics(state.student, s.new, s.grads, net)
+  teacher_m = step_metrics(teacher, new_teacher, t_grads, t_net)
+  metrics = dict(student_m)
+  metrics.update({f"{k}/teacher": v for k, v in teacher_m.items()})
+  metrics.update({f"{k}/student": v for k, v in student_m.items()})
+  metrics.update(pseudo_label_monitors(targets, inputs.y_u, aux["mask"]))
   metrics.update({
       "mpl/dot_product": h,
       "mpl/moving_dot_product": subtracted,
-      "mpl/term": mpl_term,
+      "mpl/term": term,
+      "losses/xe": aux["losses/xe"],
+      "losses/xeu": aux["losses/xeu"],
       "cross_entropy/teacher_on_l": aux["losses/xe"],
-      "cross_entropy/teacher_on_u": aux["losses/uda"],
+      "cross_entropy/teacher_on_u": aux["losses/xeu"],
       "cross_entropy/student_on_l": ce_old,
       "cross_entropy/student_on_l_new": ce_new,
-      "cross_entropy/student_on_u": s_loss_u,
-      "lr/teacher": t_schedule(teacher.step),
-      "lr/student": s_lr,
-      "uda/mask": aux["uda/mask"],
-      "uda/weight": weight,
-      # Diagnostics only: the unlabeled rows' true labels never train anything.
-      "pseudo_labels/accuracy": losses.accuracy(t_s, unl["label"]),
+      "cross_entropy/student_on_u": s.loss,
+      "monitors/weight": weight,
       "losses/teacher": t_total,
-      "losses/student": s_loss_u,
-      "losses/total": t_total + s_loss_u,
-      "l2_grads/teacher": optax.tree.norm(t_grads),
-      "l2_grads/student": metrics["l2_grads"],
-      "l2_params/teacher": optax.tree.norm(teacher.params),
-      "l2_params/student": metrics["l2_params"],
+      "losses/student": s.loss,
+      "losses/total": t_total + s.loss,
   })
-  new_state = state.replace(
-      step=state.step + 1, teacher=new_teacher, student=new_student,
-      baseline=new_baseline)
+  new_state = state.replace(step=state.step + 1, teacher=new_teacher,
+                            student=s.new, baseline=new_baseline)
   return new_state, metrics
 
 
-METHOD = Method(name="mpl", views=views, init_state=init_state,
-                train_step=train_step, eval_variables=eval_variables,
-                init_from=init_from)
+# ---------------------------------------------------------------------------
+# One step per mode
 
-def finetune_init_from(state: TrainState, previous: dict,
-                       ctx: Context) -> TrainState:
+
+def exact_step(state: MPLState, batch, rng: jax.Array, *, net: Network,
+               hp: MPLHparams):
+  """'exact': the teacher minimises L_l(θS − ηS ∇θS CE_u(θS, softmax(t/τ)))."""
+  inputs, keys = step_inputs(batch, rng)
+  student = state.student
+  fwd = teacher_forward(state.teacher, inputs, keys.teacher, hp.teacher(net))
+  soft = lambda ts: pseudo_labels(ts, "exact", temperature=hp.mpl.temperature)
+  targets = jax.lax.stop_gradient(soft(fwd.logits_s))
+  s = student_step(student, inputs, targets, keys.student_u, net, hp,
+                   linearize=True)
+  ce_l = labeled_ce(student, inputs, keys.student_l, net)
+  h, ce_old, ce_new = h_difference(ce_l, student.params, s.new.params)
+
+  # L_l(θS'), θS' = θS − ηS ∇θS CE_u(θS, ŷ), and ∂L_l(θS')/∂ŷ.
+  stepped = meta.sgd_step(student.params, s.grads, s.lr)
+  exact_term, g_stepped = jax.value_and_grad(ce_l)(stepped)
+  (g_targets,) = s.targets_vjp(jax.tree.map(lambda g: -s.lr * g, g_stepped))
+
+  def mpl_term(ts, coef):
+    del coef  # 'exact' has no baseline.
+    # Value L_l(θS'); gradient w.r.t. ts: ∂L_l(θS')/∂ŷ through the softmax.
+    surrogate = jnp.vdot(jax.lax.stop_gradient(g_targets), soft(ts))
+    return exact_term + surrogate - jax.lax.stop_gradient(surrogate)
+
+  return teacher_update(state, inputs, fwd, targets, s, (ce_old, ce_new), h,
+                        mpl_term, net=net, hp=hp)
+
+
+def first_order_step(state: MPLState, batch, rng: jax.Array, *, net: Network,
+                     hp: MPLHparams):
+  """'first_order' (the paper): the teacher adds (h − b)·CE(ŷ, T(x_u))."""
+  inputs, keys = step_inputs(batch, rng)
+  student = state.student
+  fwd = teacher_forward(state.teacher, inputs, keys.teacher, hp.teacher(net))
+  targets = jax.lax.stop_gradient(pseudo_labels(
+      fwd.logits_s, "first_order", sample=hp.mpl.sample_labels,
+      rng=keys.sample))
+  s = student_step(student, inputs, targets, keys.student_u, net, hp)
+  ce_l = labeled_ce(student, inputs, keys.student_l, net)
+  h, ce_old, ce_new = h_difference(ce_l, student.params, s.new.params)
+  if hp.mpl.h == "dot_product":
+    h = h_dot_product(ce_l, student.params, s.grads, s.lr)
+  return teacher_update(
+      state, inputs, fwd, targets, s, (ce_old, ce_new), h,
+      lambda ts, coef: first_order_term(ts, targets, coef), net=net, hp=hp)
+
+
+def official_compat_step(state: MPLState, batch, rng: jax.Array, *,
+                         net: Network, hp: MPLHparams):
+  """'official_compat': the released code; its MPL term has zero gradient."""
+  inputs, keys = step_inputs(batch, rng)
+  student = state.student
+  fwd = teacher_forward(state.teacher, inputs, keys.teacher, hp.teacher(net))
+  targets = jax.lax.stop_gradient(pseudo_labels(fwd.logits_s,
+                                                "official_compat"))
+  s = student_step(student, inputs, targets, keys.student_u, net, hp)
+  ce_l = labeled_ce(student, inputs, keys.student_l, net)
+  h_diff, ce_old, ce_new = h_difference(ce_l, student.params, s.new.params)
+  return teacher_update(state, inputs, fwd, targets, s, (ce_old, ce_new),
+                        -h_diff,  # CE_new − CE_old, as released.
+                        official_compat_term, net=net, hp=hp)
+
+
+MODE_STEPS = {"exact": exact_step, "first_order": first_order_step,
+              "official_compat": official_compat_step}
+
+
+def train_step(state: MPLState, batch, rng: jax.Array, *, net: Network,
+               hp: MPLHparams):
+  """One MPL step of `config.mpl.mode`: the student's step, then the teacher's.
+
+  Args:
+    state: teacher, student and baseline.
+    batch: 'labeled' {'weak', 'label'} and 'unlabeled' {'weak', 'strong',
+      'label'} (the unlabeled labels only feed the monitors).
+    rng: this step's key (dropout, label sampling).
+    net: the student network (`hp.teacher(net)` is the teacher's).
+    hp: `MPLHparams`.
+
+  Returns:
+    (new state, metrics; module docstring).
+  """
+  return MODE_STEPS[hp.mpl.mode](state, batch, rng, net=net, hp=hp)
+
+
+METHOD = register(Method(name="mpl", hparams=hparams, views=views,
+                         init_state=init_state, train_step=train_step,
+                         eval_variables=eval_variables, init_from=init_from))
+
+
+# ---------------------------------------------------------------------------
+# The finetune stage
+
+
+def finetune_init_from(state: TrainState, previous: dict, *,
+                       hp: FinetuneHparams) -> TrainState:
   """Starts the finetune student from the MPL student's EMA or raw weights.
 
   `config.mpl.finetune_from`: 'ema' (default, kekmodel's choice) copies the
@@ -448,13 +702,8 @@ def finetune_init_from(state: TrainState, previous: dict,
   'raw' copies the raw weights (and the EMA into the EMA slot). A previous
   stage without a student (e.g. a supervised warm-up) is copied as it is.
   """
-  block = ctx.config.get("mpl") or {}
-  which = block.get("finetune_from", "ema") or "ema"
-  if which not in FINETUNE_FROM:
-    raise R2D2Error(f"config.mpl.finetune_from={which!r}; choose one of "
-                    f"{FINETUNE_FROM}.")
-  state = copy_network(state, previous, ctx)
-  if which == "ema":
+  state = copy_network(state, previous)
+  if hp.finetune_from == "ema":
     # Copies: the step donates its state, and one buffer must not fill two
     # donated slots.
     state = state.replace(
@@ -463,10 +712,18 @@ def finetune_init_from(state: TrainState, previous: dict,
   return state
 
 
-# The last stage: the student alone on the labeled data (CE, optional label
-# smoothing `config.label_smoothing`), started from the MPL student
-# (`previous['student']`) by `finetune_init_from`.
-FINETUNE = Method(name="mpl_finetune", views=supervised.views,
-                  init_state=supervised.default_init_state,
-                  train_step=supervised.train_step,
-                  init_from=finetune_init_from)
+def finetune_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
+                  hp: FinetuneHparams):
+  """One step on CE(y_l, S(weak x_l)); label smoothing: hp.label_smoothing."""
+  return supervised.cross_entropy_step(
+      state, batch["labeled"]["weak"], batch["labeled"]["label"], rng, net,
+      hp.label_smoothing)
+
+
+# The last stage: the student alone on the labeled data, started from the MPL
+# student (`previous['student']`) by `finetune_init_from`.
+FINETUNE = register(Method(name="mpl_finetune", hparams=finetune_hparams,
+                           views=supervised.views,
+                           init_state=default_init_state,
+                           train_step=finetune_step,
+                           init_from=finetune_init_from))
