@@ -1,0 +1,226 @@
+"""FixMatch (docs/algorithms.md, "FixMatch"), written as the skeleton of its family.
+
+  p_i = align(softmax(f(weak x_u_i)))                  (no gradient)
+  w_i = mask(p_i) = [max_c p_i ≥ τ]                    (FixMatch's rule)
+  ŷ_i = onehot(argmax p_i)  (hard, the paper)   or  softmax(log p_i / T)  (soft)
+  L = CE(y_l, f(weak x_l)) + λu · (1/μB) Σ_i w_i · CE(ŷ_i, f(strong x_u_i))
+
+The mean is over ALL μB unlabeled rows, masked ones counting zero
+(google-research/fixmatch `fixmatch.py`: `reduce_mean(loss_xeu * pseudo_mask)`;
+USB `consistency_loss`). Labeled, weak and strong batches go through the
+network in one train-mode forward pass (`one_network_step`): BatchNorm
+normalises with, and its running statistics average, the whole concatenated
+batch, as the reference's single `classifier(x, training=True)` call does.
+
+Extension points (the modern variants: FlexMatch, FreeMatch, SoftMatch,
+AdaMatch, distribution alignment). A `Rule` holds three pure functions:
+  init_stats(task, hp) -> stats           a pytree kept in `FixMatchState.stats`
+                                          (FixMatch's is empty);
+  align(probs, stats, signals, hp) -> (probs, stats)
+                                          reweights the weak probabilities
+                                          (FixMatch: identity);
+  mask(probs, stats, signals, hp) -> (weights [μB] in [0, 1], stats)
+                                          (FixMatch: the fixed threshold).
+`signals` (`Signals`) is what a rule may read besides the weak probabilities:
+the labeled batch's probabilities, the unlabeled rows' train-split indices and
+the step. Both functions return the updated statistics, so a rule chooses
+whether its mask reads them before or after this batch's update. `hp.weight_at
+(step)` is λu(t) (FixMatch: constant). A variant is a hyperparameter dataclass
+(a subclass of `FixMatchHparams`) and a `Rule`, registered with `family_method`;
+a rule whose statistics are per example (FlexMatch) passes its own
+`state_sharding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from r2d2_jax import losses
+from r2d2_jax.errors import R2D2Error
+from r2d2_jax.methods.base import (Method, Network, Task, check_range,
+                                   one_network_step, parse_block,
+                                   pseudo_label_monitors, register)
+from r2d2_jax.state import TrainState
+
+PyTree = Any
+
+
+class FixMatchState(TrainState):
+  """A `TrainState` with the rule's statistics (FixMatch: {})."""
+  stats: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class FixMatchHparams:
+  """The `config.fixmatch` block (and the top-level `label_smoothing`).
+
+  Attributes:
+    threshold: τ of the confidence mask, in (0, 1].
+    weight: λu of the unlabeled loss, ≥ 0.
+    hard_labels: argmax pseudo-labels (the paper); False: soft targets.
+    temperature: T of the soft targets softmax(log p / T), > 0 (unused when
+      hard_labels).
+    label_smoothing: of the labeled CE, in [0, 1) (FixMatch: 0).
+  """
+  threshold: float = 0.95
+  weight: float = 1.0
+  hard_labels: bool = True
+  temperature: float = 1.0
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    check_range("threshold", self.threshold, 0.0, 1.0, lo_open=True)
+    check_range("weight", self.weight, 0.0)
+    if not isinstance(self.hard_labels, bool):
+      raise ValueError(f"hard_labels={self.hard_labels!r} must be True or "
+                       "False.")
+    check_range("temperature", self.temperature, 0.0, lo_open=True)
+    check_range("label_smoothing", self.label_smoothing, 0.0, 1.0,
+                hi_open=True)
+
+  def weight_at(self, step: jax.Array) -> jax.Array:
+    """λu(t); FixMatch's is constant."""
+    del step
+    return jnp.asarray(self.weight, float)
+
+
+def default_block() -> ml_collections.ConfigDict:
+  """FixMatch's settings (fixmatch.py flags): τ = 0.95, λu = 1, hard labels."""
+  block = dataclasses.asdict(FixMatchHparams())
+  del block["label_smoothing"]  # the top-level config.label_smoothing
+  return ml_collections.ConfigDict(block)
+
+
+def check_uratio(config, method: str) -> None:
+  """An unlabeled batch is required: μ = config.data.uratio > 0."""
+  uratio = config.data.get("uratio", 0) or 0
+  if not uratio > 0 or round(uratio * config.data.batch_size) < 1:
+    raise R2D2Error(
+        f"config.data.uratio={uratio!r}: {method} trains on an unlabeled "
+        "batch of uratio * batch_size images; set config.data.uratio > 0.")
+
+
+def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
+  """`config.<block>` as `cls` (an error names a bad or unknown field)."""
+  check_uratio(config, block)
+  if config.get(block) is None:
+    raise R2D2Error(f"config.{block} is missing; FixMatch's settings: "
+                    "r2d2_jax.methods.fixmatch.default_block().")
+  if "label_smoothing" in config[block]:
+    raise R2D2Error(f"config.{block}.label_smoothing: set the top-level "
+                    "config.label_smoothing instead.")
+  return parse_block(cls, config[block], f"config.{block}",
+                     label_smoothing=config.get("label_smoothing"))
+
+
+class Signals(NamedTuple):
+  """What a rule may read besides the weak probabilities (all without gradient).
+
+  Attributes:
+    probs_l: [B, C] softmax of the labeled logits.
+    index_u: [μB] train-split rows of the unlabeled batch.
+    step: the step before this update.
+  """
+  probs_l: jax.Array
+  index_u: jax.Array
+  step: jax.Array
+
+
+def no_stats(task: Task, hp: Any) -> PyTree:
+  del task, hp
+  return {}
+
+
+def no_alignment(probs, stats, signals, hp):
+  del signals, hp
+  return probs, stats
+
+
+def fixed_threshold(probs, stats, signals, hp):
+  """FixMatch's mask: 1 where max_c p ≥ τ (`>=`, as the reference), else 0."""
+  del signals
+  return (jnp.max(probs, -1) >= hp.threshold).astype(probs.dtype), stats
+
+
+class Rule(NamedTuple):
+  """The pluggable parts of a FixMatch-family step (module docstring)."""
+  init_stats: Callable[[Task, Any], PyTree] = no_stats
+  align: Callable[..., tuple[jax.Array, PyTree]] = no_alignment
+  mask: Callable[..., tuple[jax.Array, PyTree]] = fixed_threshold
+
+
+def pseudo_targets(probs: jax.Array, hp: FixMatchHparams) -> jax.Array:
+  """One-hot argmax (hard) or softmax(log p / T) (soft) targets, [μB, C]."""
+  if hp.hard_labels:
+    return jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1],
+                          dtype=probs.dtype)
+  return jax.nn.softmax(jnp.log(probs) / hp.temperature)
+
+
+def views(hp) -> dict[str, tuple[str, ...]]:
+  del hp
+  return {"labeled": ("weak",), "unlabeled": ("weak", "strong")}
+
+
+def make_init_state(rule: Rule) -> Callable[..., FixMatchState]:
+  def init_state(rng: jax.Array, *, net: Network, task: Task, hp
+                 ) -> FixMatchState:
+    base = net.init_train_state(rng)
+    return FixMatchState(
+        **{f: getattr(base, f) for f in base.__dataclass_fields__},
+        stats=rule.init_stats(task, hp))
+  return init_state
+
+
+def make_train_step(rule: Rule) -> Callable[..., tuple[FixMatchState, dict]]:
+  """The family's step over `rule`."""
+
+  def train_step(state: FixMatchState, batch, rng: jax.Array, *,
+                 net: Network, hp: FixMatchHparams):
+    """One step: batch 'labeled' {'weak', 'label'}, 'unlabeled' {'weak', 'strong'}."""
+    lab, unl = batch["labeled"], batch["unlabeled"]
+    weight = hp.weight_at(state.step)
+
+    def loss_fn(logits, params):
+      del params
+      z_l, z_w, z_s = logits
+      xe = losses.cross_entropy(z_l, lab["label"],
+                                label_smoothing=hp.label_smoothing)
+      signals = Signals(probs_l=jax.nn.softmax(jax.lax.stop_gradient(z_l)),
+                        index_u=unl["index"], step=state.step)
+      probs = jax.nn.softmax(jax.lax.stop_gradient(z_w))
+      probs, stats = rule.align(probs, state.stats, signals, hp)
+      mask, stats = rule.mask(probs, stats, signals, hp)
+      mask = jax.lax.stop_gradient(mask)
+      xeu = losses.soft_cross_entropy(z_s, pseudo_targets(probs, hp), mask)
+      aux = {"losses/xe": xe, "losses/xeu": xeu, "stats": stats}
+      aux.update(pseudo_label_monitors(probs, unl["label"], mask))
+      return xe + weight * xeu, aux
+
+    new, metrics = one_network_step(
+        state, [lab["weak"], unl["weak"], unl["strong"]], loss_fn, rng, net,
+        labels=lab["label"])
+    new = new.replace(stats=jax.lax.stop_gradient(metrics.pop("stats")))
+    metrics["monitors/weight"] = weight
+    return new, metrics
+
+  return train_step
+
+
+def family_method(name: str, rule: Rule, hparams_fn: Callable[..., Any],
+                  **method_kwargs: Any) -> Method:
+  """A FixMatch-family `Method` (not registered: pass it to `register`)."""
+  return Method(name=name, hparams=hparams_fn, views=views,
+                init_state=make_init_state(rule),
+                train_step=make_train_step(rule), **method_kwargs)
+
+
+FIXMATCH = Rule()
+train_step = make_train_step(FIXMATCH)
+init_state = make_init_state(FIXMATCH)
+METHOD = register(family_method("fixmatch", FIXMATCH, hparams))
