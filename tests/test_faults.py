@@ -169,13 +169,13 @@ def test_kill_in_save_sigkill_and_sigterm_resume_bitwise(tmp_path, reference):
 
 def _sigterm_method(at_step):
   """Supervised, but a SIGTERM arrives (to this process) before step `at_step`."""
-  def hook(stage, state, step):
-    del stage
+  def hook(hooks, state, step):
+    del hooks
     if step == at_step - 1:
       os.kill(os.getpid(), signal.SIGTERM)
     return state, {}
-  return methods.Method(name="sigterm", views=supervised.views,
-                        init_state=supervised.init_state,
+  return methods.Method(name="sigterm", hparams=supervised.hparams,
+                        views=supervised.views,
                         train_step=supervised.train_step, hooks=(hook,))
 
 

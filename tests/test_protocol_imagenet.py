@@ -12,25 +12,25 @@ from tests.test_imagenet import fake, mesh  # pylint: disable=unused-import
 
 def test_fraction_split_with_val():
   labels = np.repeat(np.arange(5), CLASS_COUNTS)
-  s = imagenet.fraction_split(labels, 5, 0.25, seed=3, num_val=10)
+  s = splits_lib.fraction_split(labels, 5, 0.25, seed=3, num_val=10)
   np.testing.assert_array_equal(np.bincount(labels[s.val]), [2] * 5)
   # The labeled count is a fraction of the whole class, as without val.
   expected = [max(1, int(np.floor(0.25 * n + 0.5))) for n in CLASS_COUNTS]
   np.testing.assert_array_equal(np.bincount(labels[s.labeled], minlength=5),
                                 expected)
   assert not set(s.val) & (set(s.labeled) | set(s.unlabeled))
-  every = imagenet.fraction_split(labels, 5, 0.25, seed=3, unlabeled="all",
+  every = splits_lib.fraction_split(labels, 5, 0.25, seed=3, unlabeled="all",
                                   num_val=10)
   np.testing.assert_array_equal(every.val, s.val)
   assert not set(every.val) & set(every.unlabeled)
   # Without val the labeled set is the one drawn before validation sets.
   np.testing.assert_array_equal(
-      imagenet.fraction_split(labels, 5, 0.25, seed=3).labeled,
-      imagenet.fraction_split(labels, 1000, 0.25, seed=3).labeled)
+      splits_lib.fraction_split(labels, 5, 0.25, seed=3).labeled,
+      splits_lib.fraction_split(labels, 1000, 0.25, seed=3).labeled)
   # Class 4 has 6 examples, 2 of them labeled: at most 4 per class.
   with pytest.raises(R2D2Error, match="largest possible data.num_val here is "
                      r"20 \(4 per class\)"):
-    imagenet.fraction_split(labels, 5, 0.25, seed=3, num_val=25)
+    splits_lib.fraction_split(labels, 5, 0.25, seed=3, num_val=25)
 
 
 def test_streaming_pipeline_passes_num_val(fake, mesh):  # pylint: disable=redefined-outer-name
