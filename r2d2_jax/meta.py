@@ -41,3 +41,11 @@ def linear_ramp(step: jax.Array, ramp_steps: int) -> jax.Array:
   if not ramp_steps:
     return jnp.asarray(1.0, jnp.float32)
   return jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
+
+
+def sigmoid_rampup(step: jax.Array, ramp_steps: int) -> jax.Array:
+  """exp(−5 (1 − min(t, T) / T)²), 1 when T = 0 (Laine & Aila's ramp-up)."""
+  if not ramp_steps:
+    return jnp.ones((), jnp.result_type(float))
+  t = jnp.clip(jnp.asarray(step, jnp.result_type(float)) / ramp_steps, 0., 1.)
+  return jnp.exp(-5.0 * (1.0 - t) ** 2)

@@ -361,7 +361,7 @@ class Stage:
     if start == 0:
       writer.write_hparams(_flat_hparams(config))
     progress = metrics_lib.Progress(total, start, writer, stage_name)
-    log_every = _every(config, "log_every_steps", total)
+    log_every = self.hooks.log_every
     eval_every = _every(config, "eval_every_steps", total)
     ckpt_every = _every(config, "checkpoint_every_steps", total)
     averager = metrics_lib.Averager()

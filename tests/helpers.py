@@ -72,6 +72,19 @@ def nan_method() -> methods.Method:
                         views=supervised.views, train_step=train_step)
 
 
+def run_steps(stage, n, state=None):
+  """`n` compiled steps of `stage` from `state` (default: a fresh one), as `run()` feeds them.
+
+  Returns:
+    (state, the last step's metrics).
+  """
+  state = stage.init_state() if state is None else state
+  batches = stage.pipeline.iterate(int(state.step))
+  for _ in range(n):
+    state, metrics = stage.train_step(state, next(batches))
+  return state, metrics
+
+
 class StepContext:
   """What the trainer binds into a method's functions, built by hand for tests.
 

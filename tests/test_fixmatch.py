@@ -271,22 +271,14 @@ def stage_config(**overrides):
   return c
 
 
-def _run_steps(stage, n):
-  state = stage.init_state()
-  batches = stage.pipeline.iterate(int(state.step))
-  for _ in range(n):
-    state, metrics = stage.train_step(state, next(batches))
-  return state, metrics
-
-
 def test_four_devices_equal_one_and_no_recompilation(tmp_path):
   c = stage_config()
   s4 = train.Stage(c, str(tmp_path / "four"),
                    mesh=sharding.make_mesh(jax.devices()[:4]))
   s1 = train.Stage(c, str(tmp_path / "one"),
                    mesh=sharding.make_mesh(jax.devices()[:1]))
-  st4, m4 = _run_steps(s4, 3)
-  st1, m1 = _run_steps(s1, 3)
+  st4, m4 = helpers.run_steps(s4, 3)
+  st1, m1 = helpers.run_steps(s1, 3)
   assert 0.0 < float(m1["monitors/mask"]) < 1.0
   assert len(jax.tree.leaves(st4.params)[0].sharding.device_set) == 4
   chex.assert_trees_all_close(jax.device_get(st4), jax.device_get(st1),

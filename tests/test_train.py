@@ -19,20 +19,12 @@ def _stage(tmp_path, name, config, devices):
   return train.Stage(config, str(tmp_path / name), mesh=mesh)
 
 
-def _run_steps(stage, n, state=None):
-  state = stage.init_state() if state is None else state
-  batches = stage.pipeline.iterate(int(state.step))
-  for _ in range(n):
-    state, metrics = stage.train_step(state, next(batches))
-  return state, metrics
-
-
 def test_four_devices_equal_one(tmp_path):
   c = helpers.tiny_config()
   s4 = _stage(tmp_path, "four", c, jax.devices()[:4])
   s1 = _stage(tmp_path, "one", c, jax.devices()[:1])
-  st4, m4 = _run_steps(s4, 3)
-  st1, m1 = _run_steps(s1, 3)
+  st4, m4 = helpers.run_steps(s4, 3)
+  st1, m1 = helpers.run_steps(s1, 3)
   assert len(jax.tree.leaves(st4.params)[0].sharding.device_set) == 4
   chex.assert_trees_all_close(jax.device_get(st4), jax.device_get(st1),
                               rtol=1e-5, atol=1e-6)
@@ -41,13 +33,13 @@ def test_four_devices_equal_one(tmp_path):
 
 def test_no_recompilation_across_steps(tmp_path):
   s = _stage(tmp_path, "a", helpers.tiny_config(), jax.devices()[:2])
-  _run_steps(s, 4)
+  helpers.run_steps(s, 4)
   assert s.train_step._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_checkpoint_round_trip(tmp_path):
   s = _stage(tmp_path, "a", helpers.tiny_config(), jax.devices()[:2])
-  state, _ = _run_steps(s, 2)
+  state, _ = helpers.run_steps(s, 2)
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
   ck.save(2, state, {"step": 2})
   restored, meta = ck.restore(2, s.abstract_state)

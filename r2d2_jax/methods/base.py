@@ -252,6 +252,15 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
                      f"{', '.join(repr(c) for c in choices)}.")
 
 
+def check_uratio(config, method: str) -> None:
+  """An unlabeled batch is required: μ = config.data.uratio > 0."""
+  uratio = config.data.get("uratio", 0) or 0
+  if not uratio > 0 or round(uratio * config.data.batch_size) < 1:
+    raise R2D2Error(
+        f"config.data.uratio={uratio!r}: {method} trains on an unlabeled "
+        "batch of uratio * batch_size images; set config.data.uratio > 0.")
+
+
 # ---------------------------------------------------------------------------
 # Hooks
 

@@ -43,7 +43,7 @@ import ml_collections
 from r2d2_jax import losses
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods.base import (Method, Network, Task, check_range,
-                                   one_network_step, parse_block,
+                                   check_uratio, one_network_step, parse_block,
                                    pseudo_label_monitors, register)
 from r2d2_jax.state import TrainState
 
@@ -94,15 +94,6 @@ def default_block() -> ml_collections.ConfigDict:
   block = dataclasses.asdict(FixMatchHparams())
   del block["label_smoothing"]  # the top-level config.label_smoothing
   return ml_collections.ConfigDict(block)
-
-
-def check_uratio(config, method: str) -> None:
-  """An unlabeled batch is required: μ = config.data.uratio > 0."""
-  uratio = config.data.get("uratio", 0) or 0
-  if not uratio > 0 or round(uratio * config.data.batch_size) < 1:
-    raise R2D2Error(
-        f"config.data.uratio={uratio!r}: {method} trains on an unlabeled "
-        "batch of uratio * batch_size images; set config.data.uratio > 0.")
 
 
 def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):

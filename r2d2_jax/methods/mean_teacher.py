@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from r2d2_jax import losses
+from r2d2_jax import meta
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods.base import (Method, Network, check_range,
                                    one_network_step, parse_block,
                                    pseudo_label_monitors, register)
-from r2d2_jax.methods.pi_model import sigmoid_rampup, softmax_mse, two_views
+from r2d2_jax.methods.pi_model import softmax_mse, two_views
 from r2d2_jax.state import TrainState
 
 
@@ -77,7 +78,7 @@ class MeanTeacherHparams:
 
   def weight_at(self, step: jax.Array) -> jax.Array:
     """w(t)."""
-    return self.weight * sigmoid_rampup(step, self.ramp_steps)
+    return self.weight * meta.sigmoid_rampup(step, self.ramp_steps)
 
   def decay_at(self, step: jax.Array) -> jax.Array:
     """d(t), the teacher's EMA decay at the step that takes `step` to step + 1."""

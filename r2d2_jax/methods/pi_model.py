@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from r2d2_jax import losses
+from r2d2_jax import meta
 from r2d2_jax import table as table_lib
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods.base import (Method, Network, Task, check_range,
@@ -34,13 +35,7 @@ from r2d2_jax.methods.base import (Method, Network, Task, check_range,
                                    replicate_all)
 from r2d2_jax.state import TrainState
 
-
-def sigmoid_rampup(step: jax.Array, ramp_steps: int) -> jax.Array:
-  """exp(−5 (1 − min(t, T) / T)²), 1 when T = 0 (Laine & Aila's ramp-up)."""
-  if not ramp_steps:
-    return jnp.ones((), jnp.result_type(float))
-  t = jnp.clip(jnp.asarray(step, jnp.result_type(float)) / ramp_steps, 0., 1.)
-  return jnp.exp(-5.0 * (1.0 - t) ** 2)
+sigmoid_rampup = meta.sigmoid_rampup  # Laine & Aila; Mean Teacher uses it too
 
 
 def softmax_mse(logits: jax.Array, targets: jax.Array,

@@ -35,9 +35,8 @@ import ml_collections
 from r2d2_jax import losses
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods.base import (Method, Network, check_range,
-                                   one_network_step, parse_block,
+                                   check_uratio, one_network_step, parse_block,
                                    pseudo_label_monitors, register)
-from r2d2_jax.methods.fixmatch import check_uratio
 from r2d2_jax.state import TrainState
 
 
