@@ -47,7 +47,7 @@ from r2d2_jax import methods, models, optim, train
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import mixmatch
 from tests import helpers
-from tests.test_train import _run_steps, _stage
+from tests.test_train import _stage
 from tests.test_update_rules import (EMA, Net, make_ctx, random_train_state,
                                      ref_forward, ref_sgd, run_step, trace_of)
 
@@ -344,8 +344,8 @@ def test_stage_four_devices_equal_one_without_recompiling(tmp_path):
   c = stage_config()
   s4 = _stage(tmp_path, "four", c, jax.devices()[:4])
   s1 = _stage(tmp_path, "one", c, jax.devices()[:1])
-  st4, m4 = _run_steps(s4, 3)
-  st1, m1 = _run_steps(s1, 3)
+  st4, m4 = helpers.run_steps(s4, 3)
+  st1, m1 = helpers.run_steps(s1, 3)
   assert len(jax.tree.leaves(st4.params)[0].sharding.device_set) == 4
   chex.assert_trees_all_close(jax.device_get(st4), jax.device_get(st1),
                               rtol=1e-5, atol=1e-6)
