@@ -13,22 +13,37 @@ normalises with, and its running statistics average, the whole concatenated
 batch, as the reference's single `classifier(x, training=True)` call does.
 
 Extension points (the modern variants: FlexMatch, FreeMatch, SoftMatch,
-AdaMatch, distribution alignment). A `Rule` holds three pure functions:
+AdaMatch). A `Rule` holds pure functions:
   init_stats(task, hp) -> stats           a pytree kept in `FixMatchState.stats`
                                           (FixMatch's is empty);
   align(probs, stats, signals, hp) -> (probs, stats)
                                           reweights the weak probabilities
                                           (FixMatch: identity);
   mask(probs, stats, signals, hp) -> (weights [μB] in [0, 1], stats)
-                                          (FixMatch: the fixed threshold).
+                                          (FixMatch: the fixed threshold);
+  targets(probs, signals, hp) -> [μB, C]  the pseudo-labels (FixMatch: hard
+                                          argmax of the aligned probabilities,
+                                          or soft, `pseudo_targets`);
+  extra_loss(logits_s, weights, stats, hp) -> (loss, metrics)
+                                          a term added to the loss as it is
+                                          (already weighted), e.g. FreeMatch's
+                                          fairness term (FixMatch: 0).
 `signals` (`Signals`) is what a rule may read besides the weak probabilities:
-the labeled batch's probabilities, the unlabeled rows' train-split indices and
-the step. Both functions return the updated statistics, so a rule chooses
-whether its mask reads them before or after this batch's update. `hp.weight_at
-(step)` is λu(t) (FixMatch: constant). A variant is a hyperparameter dataclass
-(a subclass of `FixMatchHparams`) and a `Rule`, registered with `family_method`;
-a rule whose statistics are per example (FlexMatch) passes its own
-`state_sharding`.
+the labeled batch's probabilities, the unaligned weak probabilities, the
+unlabeled rows' train-split indices and the step. `align` and `mask` return the
+updated statistics, so a rule chooses whether its mask reads them before or
+after this batch's update. `hp.weight_at(step)` is λu(t) (FixMatch: constant).
+A variant is a hyperparameter dataclass (a subclass of `FixMatchHparams`) and a
+`Rule`, registered with `family_method`; a rule whose statistics are per
+example (FlexMatch) passes its own `state_sharding`.
+
+Two options every member has, outside its rule:
+  distribution alignment (`hp.alignment`, `methods/alignment.py`): applied to
+    the weak probabilities before the rule's `align`, its running estimates
+    in `FixMatchState.alignment`;
+  a learned augmentation (`FixMatchState.augment`): the augmentation state a
+    stateful strong-view policy reads (CTAugment's bin weights), handed to
+    the views by `Method.augment_state` (empty for the stateless policies).
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import ml_collections
 
 from r2d2_jax import losses
 from r2d2_jax.errors import R2D2Error
+from r2d2_jax.methods import alignment as alignment_lib
 from r2d2_jax.methods.base import (Method, Network, Task, check_range,
                                    check_uratio, one_network_step, parse_block,
                                    pseudo_label_monitors, register)
@@ -51,8 +67,17 @@ PyTree = Any
 
 
 class FixMatchState(TrainState):
-  """A `TrainState` with the rule's statistics (FixMatch: {})."""
+  """A `TrainState` with the rule's statistics (FixMatch: {}).
+
+  Attributes:
+    stats: the rule's statistics (`Rule.init_stats`).
+    alignment: distribution alignment's running estimates ({} when off).
+    augment: the strong view's learned augmentation state ({} for a
+      stateless policy).
+  """
   stats: PyTree
+  alignment: PyTree = dataclasses.field(default_factory=dict)
+  augment: PyTree = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +91,15 @@ class FixMatchHparams:
     temperature: T of the soft targets softmax(log p / T), > 0 (unused when
       hard_labels).
     label_smoothing: of the labeled CE, in [0, 1) (FixMatch: 0).
+    alignment: distribution alignment (the block's `alignment` sub-block;
+      `methods/alignment.py`), off by default.
   """
   threshold: float = 0.95
   weight: float = 1.0
   hard_labels: bool = True
   temperature: float = 1.0
   label_smoothing: float = 0.0
+  alignment: alignment_lib.AlignmentHparams = alignment_lib.AlignmentHparams()
 
   def __post_init__(self):
     check_range("threshold", self.threshold, 0.0, 1.0, lo_open=True)
@@ -93,7 +121,14 @@ def default_block() -> ml_collections.ConfigDict:
   """FixMatch's settings (fixmatch.py flags): τ = 0.95, λu = 1, hard labels."""
   block = dataclasses.asdict(FixMatchHparams())
   del block["label_smoothing"]  # the top-level config.label_smoothing
+  del block["alignment"]        # off; a sub-block `alignment` turns it on
   return ml_collections.ConfigDict(block)
+
+
+def parse_alignment(config, block: str) -> alignment_lib.AlignmentHparams:
+  """`config.<block>.alignment` (absent: off)."""
+  return alignment_lib.parse(config[block].get("alignment"),
+                             f"config.{block}.alignment")
 
 
 def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
@@ -105,8 +140,10 @@ def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
   if "label_smoothing" in config[block]:
     raise R2D2Error(f"config.{block}.label_smoothing: set the top-level "
                     "config.label_smoothing instead.")
-  return parse_block(cls, config[block], f"config.{block}",
-                     label_smoothing=config.get("label_smoothing"))
+  values = {k: v for k, v in config[block].items() if k != "alignment"}
+  return parse_block(cls, values, f"config.{block}",
+                     label_smoothing=config.get("label_smoothing"),
+                     alignment=parse_alignment(config, block))
 
 
 class Signals(NamedTuple):
@@ -114,10 +151,12 @@ class Signals(NamedTuple):
 
   Attributes:
     probs_l: [B, C] softmax of the labeled logits.
+    probs_u: [μB, C] softmax of the weak logits, before any alignment.
     index_u: [μB] train-split rows of the unlabeled batch.
     step: the step before this update.
   """
   probs_l: jax.Array
+  probs_u: jax.Array
   index_u: jax.Array
   step: jax.Array
 
@@ -138,19 +177,32 @@ def fixed_threshold(probs, stats, signals, hp):
   return (jnp.max(probs, -1) >= hp.threshold).astype(probs.dtype), stats
 
 
-class Rule(NamedTuple):
-  """The pluggable parts of a FixMatch-family step (module docstring)."""
-  init_stats: Callable[[Task, Any], PyTree] = no_stats
-  align: Callable[..., tuple[jax.Array, PyTree]] = no_alignment
-  mask: Callable[..., tuple[jax.Array, PyTree]] = fixed_threshold
-
-
 def pseudo_targets(probs: jax.Array, hp: FixMatchHparams) -> jax.Array:
   """One-hot argmax (hard) or softmax(log p / T) (soft) targets, [μB, C]."""
   if hp.hard_labels:
     return jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1],
                           dtype=probs.dtype)
   return jax.nn.softmax(jnp.log(probs) / hp.temperature)
+
+
+def aligned_targets(probs, signals, hp):
+  """FixMatch's targets: `pseudo_targets` of the (aligned) probabilities."""
+  del signals
+  return pseudo_targets(probs, hp)
+
+
+def no_extra_loss(logits_s, weights, stats, hp):
+  del weights, stats, hp
+  return jnp.zeros((), logits_s.dtype), {}
+
+
+class Rule(NamedTuple):
+  """The pluggable parts of a FixMatch-family step (module docstring)."""
+  init_stats: Callable[[Task, Any], PyTree] = no_stats
+  align: Callable[..., tuple[jax.Array, PyTree]] = no_alignment
+  mask: Callable[..., tuple[jax.Array, PyTree]] = fixed_threshold
+  targets: Callable[..., jax.Array] = aligned_targets
+  extra_loss: Callable[..., tuple[jax.Array, dict]] = no_extra_loss
 
 
 def views(hp) -> dict[str, tuple[str, ...]]:
@@ -164,7 +216,8 @@ def make_init_state(rule: Rule) -> Callable[..., FixMatchState]:
     base = net.init_train_state(rng)
     return FixMatchState(
         **{f: getattr(base, f) for f in base.__dataclass_fields__},
-        stats=rule.init_stats(task, hp))
+        stats=rule.init_stats(task, hp),
+        alignment=alignment_lib.init_stats(task, hp.alignment))
   return init_state
 
 
@@ -182,21 +235,28 @@ def make_train_step(rule: Rule) -> Callable[..., tuple[FixMatchState, dict]]:
       z_l, z_w, z_s = logits
       xe = losses.cross_entropy(z_l, lab["label"],
                                 label_smoothing=hp.label_smoothing)
+      probs_u = jax.nn.softmax(jax.lax.stop_gradient(z_w))
       signals = Signals(probs_l=jax.nn.softmax(jax.lax.stop_gradient(z_l)),
-                        index_u=unl["index"], step=state.step)
-      probs = jax.nn.softmax(jax.lax.stop_gradient(z_w))
+                        probs_u=probs_u, index_u=unl["index"], step=state.step)
+      probs, da_stats = alignment_lib.align(probs_u, signals.probs_l,
+                                            state.alignment, hp.alignment)
       probs, stats = rule.align(probs, state.stats, signals, hp)
       mask, stats = rule.mask(probs, stats, signals, hp)
       mask = jax.lax.stop_gradient(mask)
-      xeu = losses.soft_cross_entropy(z_s, pseudo_targets(probs, hp), mask)
-      aux = {"losses/xe": xe, "losses/xeu": xeu, "stats": stats}
+      targets = jax.lax.stop_gradient(rule.targets(probs, signals, hp))
+      xeu = losses.soft_cross_entropy(z_s, targets, mask)
+      extra, extra_metrics = rule.extra_loss(z_s, mask, stats, hp)
+      aux = {"losses/xe": xe, "losses/xeu": xeu, "stats": stats,
+             "alignment": da_stats, **extra_metrics}
       aux.update(pseudo_label_monitors(probs, unl["label"], mask))
-      return xe + weight * xeu, aux
+      return xe + weight * xeu + extra, aux
 
     new, metrics = one_network_step(
         state, [lab["weak"], unl["weak"], unl["strong"]], loss_fn, rng, net,
         labels=lab["label"])
-    new = new.replace(stats=jax.lax.stop_gradient(metrics.pop("stats")))
+    new = new.replace(
+        stats=jax.lax.stop_gradient(metrics.pop("stats")),
+        alignment=jax.lax.stop_gradient(metrics.pop("alignment")))
     metrics["monitors/weight"] = weight
     return new, metrics
 
@@ -206,9 +266,15 @@ def make_train_step(rule: Rule) -> Callable[..., tuple[FixMatchState, dict]]:
 def family_method(name: str, rule: Rule, hparams_fn: Callable[..., Any],
                   **method_kwargs: Any) -> Method:
   """A FixMatch-family `Method` (not registered: pass it to `register`)."""
+  method_kwargs.setdefault("augment_state", augment_state)
   return Method(name=name, hparams=hparams_fn, views=views,
                 init_state=make_init_state(rule),
                 train_step=make_train_step(rule), **method_kwargs)
+
+
+def augment_state(state: FixMatchState) -> PyTree:
+  """What the strong views read: the learned augmentation state, or None."""
+  return state.augment if state.augment else None
 
 
 FIXMATCH = Rule()
