@@ -236,3 +236,48 @@ def cifar10_4k_mpl_setup(c: ml_collections.ConfigDict) -> None:
   c.data.augment.weak.pad_mode = "constant"
   c.data.augment.strong.update(policy="mpl", num_ops=2, magnitude=16,
                                cutout=16, weak_after=True)
+
+
+def usb_cifar10(c: ml_collections.ConfigDict, labels: int,
+                runlocal: bool) -> None:
+  """USB's classic-CV CIFAR-10 setup, shared by its algorithms' configs.
+
+  microsoft/Semi-supervised-learning `config/classic_cv/<algorithm>/
+  <algorithm>_cifar10_<labels>_0.yaml` and `semilearn/core/utils/build.py`:
+  WRN-28-2, B 64, μ 7, weak flip + reflect crop 4 px, strong USB RandAugment
+  (3 ops and its own cutout), SGD Nesterov 0.03 with the 7π/16 cosine,
+  weight decay 5e-4 without BatchNorm and biases, EMA 0.999, 2^20 steps,
+  an evaluation every 5120 steps. The method block is the caller's.
+  """
+  c.model.name = "wrn28_2"
+  c.model.kwargs = ml_collections.ConfigDict(dict(bn_momentum=0.999,
+                                                  dropout_rate=0.0))
+  c.data.dataset = "cifar10"
+  c.data.num_labels = labels
+  c.data.num_val = 0
+  c.data.unlabeled = "all"
+  c.data.batch_size = 64
+  c.data.uratio = 7
+  c.data.eval_batch_size = 256
+  c.data.augment.weak.update(flip=True, translate=4, pad_mode="reflect")
+  c.data.augment.strong.update(policy="usb", num_ops=3, cutout=0)
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4,
+      decay_mask="kernels", grad_clip_norm=0.0,
+      schedule=dict(name="fixmatch_cosine", warmup_steps=0, wait_steps=0,
+                    decay_steps=0)))
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.999
+  c.total_steps = 1 << 20
+  c.log_every_steps = 256
+  c.eval_every_steps = 5120
+  c.checkpoint_every_steps = 5120
+  if runlocal:
+    c.model.name = "cnn_small"
+    c.model.kwargs = ml_collections.ConfigDict()
+    c.data.batch_size = 8
+    c.data.uratio = 2
+    c.total_steps = 4
+    c.log_every_steps = 2
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 2

@@ -200,7 +200,8 @@ class Stage:
     self._init = jax.jit(init_fn, out_shardings=self.state_shardings)
 
     specs = view_specs(self.method.views(self.hp), config.data.augment,
-                       self.info)
+                       self.info, method=self.method.name,
+                       augment_state=self.method.augment_state(abstract))
     self.streams = tuple(specs)
     method, info = self.method, self.info
     method_step = bind(method.train_step, **named)

@@ -5,7 +5,8 @@
   (gray) and MNIST when ../shared/data/mnist is there;
 * each policy's level -> argument mapping against a transcription of its
   reference's arithmetic (meta_pseudo_labels/augment.py; fixmatch's
-  third_party/auto_augment/augmentations.py);
+  third_party/auto_augment/augmentations.py; USB's semilearn/datasets/
+  augmentation/randaugment.py, with its always-on cutout);
 * the draws: which ops, how often applied, which levels;
 * fewer than 1 % constant strong views at every paper config's magnitude;
 * views stay a function of (seed, step, index); a state reaches the policy;
@@ -22,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from r2d2_jax import train
 from r2d2_jax.data import augment as aug
+from r2d2_jax.data import image_ops
 from r2d2_jax.data import randaugment as ra
 from r2d2_jax.data import sources
 from r2d2_jax.errors import R2D2Error
@@ -475,7 +477,7 @@ def test_state_reaches_the_policy(monkeypatch):
 def test_bad_policy_magnitude_op_option_are_refused():
   strong = lambda **kw: aug.view_fn(dict(kind="strong", **kw))
   with pytest.raises(ValueError, match=r"unknown RandAugment policy 'cta'; "
-                     r"known: \('mpl', 'fixmatch', 'legacy'\)"):
+                     r"known: \('mpl', 'fixmatch', 'legacy'[,)]"):
     strong(policy="cta")
   with pytest.raises(ValueError, match=r"magnitude 31 is outside policy "
                      r"'mpl''s range \[0, 30\]"):
@@ -540,3 +542,308 @@ def test_trainer_hands_the_methods_augment_state_to_the_policy(monkeypatch,
         np.asarray(m["strong"]),
         np.asarray(train.normalize(jnp.asarray(expected), stage.info)),
         rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# 'usb': USB's RandAugment (semilearn/datasets/augmentation/randaugment.py)
+#
+# Break checks done (each made the named test fail, then was restored):
+# * `_usb_value` TranslateX: `v * h` -> wrong only for non-square images,
+#   caught by the mapping test's 24 x 16 size; Posterize `floor` -> `round`
+#   (mapping test); Rotate range [-30, 30] -> [0, 30] (mapping test);
+# * `_usb_draw` ops drawn without replacement (a permutation) -> the draws
+#   test (P(two layers equal) = 0); the level `uniform(0, 0.5)` -> draws test;
+# * `_usb_finish` x0 ~ U(0, W) instead of numpy's U(1, W] -> the cutout
+#   distribution test (P(left column 0) = 0.158, not 4/31; the coverage map
+#   alone at n = 4000 did not catch it); `cutout_abs` skipping v < 1
+#   (`v >= 1`) -> same test ("every view has a box");
+# * `cutout_abs` half-open box (`<` for `<=`) -> the PIL rectangle test;
+# * `USB.fill` 128 instead of 0 -> the PIL chain test (black borders);
+# * `check` dropping `check_options` -> the error test.
+
+_USB_LIST = [  # `augment_list()`, transcribed: (op, min, max)
+    ("AutoContrast", 0, 1), ("Brightness", 0.05, 0.95),
+    ("Color", 0.05, 0.95), ("Contrast", 0.05, 0.95), ("Equalize", 0, 1),
+    ("Identity", 0, 1), ("Posterize", 4, 8), ("Rotate", -30, 30),
+    ("Sharpness", 0.05, 0.95), ("ShearX", -0.3, 0.3), ("ShearY", -0.3, 0.3),
+    ("Solarize", 0, 256), ("TranslateX", -0.3, 0.3),
+    ("TranslateY", -0.3, 0.3)]
+_USB_RANGE = {name: (lo, hi) for name, lo, hi in _USB_LIST}
+
+
+def _usb_ref_arg(name, u, size):
+  """`val = min + (max - min) * random()` and what USB's op does with it."""
+  lo, hi = _USB_RANGE[name]
+  val = lo + float(hi - lo) * u
+  w, h = size  # PIL's img.size
+  if name == "TranslateX":
+    return val * w
+  if name == "TranslateY":
+    return val * h
+  if name == "Posterize":
+    return max(1, int(val))
+  if name in ("AutoContrast", "Equalize", "Identity"):
+    return 0.0
+  return val
+
+
+def _usb_pil(pil_img, name, u):
+  """USB's op `name` at `val = min + (max - min) * u`, on a PIL image."""
+  lo, hi = _USB_RANGE[name]
+  v = lo + float(hi - lo) * u
+  img = pil_img
+  if name == "AutoContrast":
+    return ImageOps.autocontrast(img)
+  if name == "Equalize":
+    return ImageOps.equalize(img)
+  if name == "Identity":
+    return img
+  if name == "Posterize":
+    return ImageOps.posterize(img, max(1, int(v)))
+  if name == "Rotate":
+    return img.rotate(v)
+  if name == "Solarize":
+    return ImageOps.solarize(img, v)
+  if name in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
+    # Our matrices are on a 1/1024 grid: PIL gets the same rounded value.
+    r = lambda t: round(t * 1024) / 1024
+    coeffs = {"ShearX": (1, r(v), 0, 0, 1, 0), "ShearY": (1, 0, 0, r(v), 1, 0),
+              "TranslateX": (1, 0, r(v * img.size[0]), 0, 1, 0),
+              "TranslateY": (1, 0, 0, 0, 1, r(v * img.size[1]))}[name]
+    return img.transform(img.size, Image.AFFINE, coeffs)
+  return getattr(ImageEnhance, name)(img).enhance(v)
+
+
+def test_usb_value_matches_reference():
+  assert ra.USB.ops == tuple(name for name, _, _ in _USB_LIST)
+  assert not ra.USB.reads_magnitude and ra.USB.fill == 0.0
+  us = [0.0, 0.03, 0.25, 0.5, 0.7311, 0.999999]
+  for w, h in ((32, 32), (24, 16)):
+    for name in ra.USB.ops:
+      got = np.asarray(jax.vmap(lambda u, n=name, w=w, h=h: ra.USB.value(
+          n, u, 1.0, h, w, **ra.USB.options))(np.float32(us)))
+      ref = [_usb_ref_arg(name, float(np.float32(u)), (w, h)) for u in us]
+      np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5,
+                                 err_msg=f"{name} {w}x{h}")
+  # The sign is the value's own: `sign` is not read.
+  assert float(ra.USB.value("Rotate", 0.1, -1.0, 32, 32)) == pytest.approx(-24)
+  # Posterize keeps 4..7 bits (`random()` < 1 never gives 8).
+  assert float(ra.USB.value("Posterize", np.float32(0.999999), 1., 32, 32)) == 7
+
+
+def test_usb_draws_ops_with_replacement_and_uniform_values():
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  d = jax.jit(jax.vmap(lambda k: ra.USB.draw(k, 3, 14, 5.0, None)))(keys)
+  op, level = np.asarray(d.op), np.asarray(d.level)
+  assert op.shape == level.shape == (n, 3)
+  assert np.all(np.asarray(d.apply)) and np.all(np.asarray(d.sign) == 1.0)
+  counts = np.bincount(op.ravel(), minlength=14) / op.size
+  assert counts.shape == (14,) and np.all(np.abs(counts - 1 / 14) < 0.01)
+  # `random.choices`: with replacement, the layers independent.
+  for a, b in ((0, 1), (1, 2)):
+    assert abs(np.mean(op[:, a] == op[:, b]) - 1 / 14) < 0.01
+  # `random.random()`: U[0, 1), ten equal bins.
+  assert level.min() >= 0.0 and level.max() < 1.0
+  hist = np.histogram(level, bins=10, range=(0, 1))[0] / level.size
+  assert np.all(np.abs(hist - 0.1) < 0.01), hist
+  assert abs(np.corrcoef(level[:, 0], level[:, 1])[0, 1]) < 0.03
+  # The magnitude is not read (the level is never None, so `rand_augment`
+  # passes M to nothing else).
+  other = jax.jit(jax.vmap(lambda k: ra.USB.draw(k, 3, 14, 30.0, None)))(
+      keys[:64])
+  np.testing.assert_array_equal(other.op, op[:64])
+  np.testing.assert_array_equal(other.level, level[:64])
+
+
+def test_usb_ops_match_pil_on_random_images():
+  """Through the policy's value: exact, or within PIL's own round-off."""
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  us = np.float32([0.0, 0.1, 0.37, 0.5, 0.64, 0.9, 0.9999])
+  names = ra.USB.ops + ("Invert",)
+
+  def ours(img):
+    h, w, _ = img.shape
+    return [jax.vmap(lambda u, n=n: ra.apply_op(
+        img, n, ra.USB.value(n, u, 1.0, h, w), fill=ra.USB.fill))(us)
+            for n in names]
+
+  out = jax.jit(jax.vmap(ours))(imgs)
+  for k, name in enumerate(names):
+    for i, img in enumerate(imgs):
+      for j, u in enumerate(us):
+        got = np.asarray(out[k][i, j])
+        if name == "Invert":
+          ref = np.asarray(ImageOps.invert(Image.fromarray(img)), np.float32)
+        else:
+          ref = np.asarray(_usb_pil(Image.fromarray(img), name, float(u)),
+                           np.float32)
+        where = f"{name}(u={u}) image {i}"
+        diff = np.abs(got - ref)
+        if name == "Rotate":
+          # PIL's rotate matrix in float64 vs ours on a 1/1024 grid: pixels
+          # whose source lies near a pixel edge may take the neighbour
+          # (measured at random angles: mean 1 %, worst 5.5 % of pixels).
+          assert np.mean(diff.max(-1) > 0) <= 0.06, (where, diff.max())
+        elif name in ("Brightness", "Color", "Contrast", "Sharpness"):
+          assert diff.max() <= 1, where  # PIL truncates, ours rounds
+        else:
+          np.testing.assert_array_equal(got, ref, err_msg=where)
+
+
+def test_usb_cutout_box_is_pil_rectangle():
+  """`image_ops.cutout_abs` == USB's CutoutAbs with the same x0, y0, v."""
+  rng = np.random.default_rng(1)
+  base = np.full((32, 32, 3), 9, np.uint8)
+  cases = [(32.0, 32.0, 15.99), (1.0001, 1.0001, 0.2), (17.3, 4.9, 7.5),
+           (2.0, 31.0, 16.0), (31.5, 8.0, 3.0), (5.0, 5.0, 0.0)]
+  cases += [(float(rng.uniform(1, 32)), float(rng.uniform(1, 32)),
+             float(rng.uniform(0, 16))) for _ in range(40)]
+  arr = np.float32(cases)
+  got = np.asarray(jax.jit(jax.vmap(
+      lambda c: image_ops.cutout_abs(
+          base, c[0], c[1], c[2], jnp.float32(ra.USB_CUTOUT_FILL))))(arr))
+  for (x0, y0, v), g in zip(arr.tolist(), got):
+    img = Image.fromarray(base)
+    if v > 0:  # `Cutout` returns the image for v <= 0
+      w, h = img.size
+      x0 = int(max(0, x0 - v / 2.))
+      y0 = int(max(0, y0 - v / 2.))
+      x1, y1 = min(w, x0 + v), min(h, y0 + v)
+      ImageDraw.Draw(img).rectangle((x0, y0, x1, y1), (125, 123, 114))
+    np.testing.assert_array_equal(g, np.asarray(img), err_msg=str((x0, y0, v)))
+
+
+def _usb_reference_cutouts(n, size=32, seed=0):
+  """USB's `Cutout(img, random.random() * 0.5)` masks, n times.
+
+  The box is `ImageDraw.rectangle`'s (corners included, coordinates
+  truncated, clipped), as `test_usb_cutout_box_is_pil_rectangle` checks.
+  """
+  import random  # pylint: disable=g-import-not-at-top
+  random.seed(seed)
+  np.random.seed(seed)
+  boxes = []
+  for _ in range(n):
+    v = random.random() * 0.5
+    assert v > 0
+    v = v * size  # img.size[0]
+    w = h = size
+    x0 = np.random.uniform(w)  # numpy: uniform(low=w, high=1.0)
+    y0 = np.random.uniform(h)
+    x0 = int(max(0, x0 - v / 2.))
+    y0 = int(max(0, y0 - v / 2.))
+    x1, y1 = min(w, x0 + v), min(h, y0 + v)
+    boxes.append((x0, y0, int(x1), int(y1)))
+  x0, y0, x1, y1 = (np.array(b)[:, None, None] for b in zip(*boxes))
+  rows, cols = np.mgrid[0:size, 0:size]
+  return (rows >= y0) & (rows <= y1) & (cols >= x0) & (cols <= x1)
+
+
+def test_usb_cutout_is_always_applied_as_the_reference_draws_it():
+  n = 20000
+  img = np.full((32, 32, 3), 9, np.uint8)
+  fill = np.float32(ra.USB_CUTOUT_FILL)
+
+  # Identity layers only: the view is the policy's own final cutout.
+  def masks_of(m):
+    def one(k):
+      view = ra.rand_augment(k, img, num_ops=3, magnitude=m, policy="usb",
+                             ops=("Identity",))
+      mask = jnp.all(view == fill, -1)
+      return mask, jnp.sum(~mask & jnp.any(view != 9, -1))
+    return jax.jit(jax.vmap(one))
+
+  keys = jax.random.split(jax.random.key(3), n)
+  masks, others = jax.tree.map(np.asarray, masks_of(5.0)(keys))
+  assert others.sum() == 0  # nothing else changes
+  ref = _usb_reference_cutouts(n)
+  assert masks.any((1, 2)).all() and ref.any((1, 2)).all()  # every view
+  # Side int(v) + 1 <= 16 (v < 16), clipped at the right / bottom border.
+  side = lambda m: m.any(1).sum(-1)
+  assert side(masks).max() <= 16 and side(ref).max() == 16
+  hist = lambda m: np.bincount(side(m), minlength=17)[1:] / n
+  np.testing.assert_allclose(hist(masks), hist(ref), atol=0.01)
+  # Where the boxes fall: numpy's uniform(32) is U(1, 32] (not U(0, 32)),
+  # so the left column is 0 with probability P(32 - 31 U - 8 U' < 1) = 4/31
+  # (U(0, 32) would give 5/32); likewise the top row.
+  np.testing.assert_allclose(masks.mean(0), ref.mean(0), atol=0.03)
+  left = lambda m, axis: np.argmax(m.any(axis), -1)
+  for axis in (1, 2):
+    assert abs(np.mean(left(masks, axis) == 0) - 4 / 31) < 0.01
+    assert abs(np.mean(left(ref, axis) == 0) - 4 / 31) < 0.01
+    np.testing.assert_allclose(
+        np.bincount(left(masks, axis), minlength=32) / n,
+        np.bincount(left(ref, axis), minlength=32) / n, atol=0.008)
+
+
+def test_usb_views_match_a_pil_transcription():
+  """Whole views (3 layers, no cutout) against USB's ops applied in PIL."""
+  exact = ("Identity", "AutoContrast", "Equalize", "Posterize", "Solarize",
+           "ShearX", "ShearY", "TranslateX", "TranslateY")
+  rng = np.random.default_rng(2)
+  imgs = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+  keys = jax.random.split(jax.random.key(5), len(imgs))
+  f = jax.jit(jax.vmap(lambda k, x: ra.rand_augment(
+      k, x, num_ops=3, magnitude=5.0, policy="usb", ops=exact,
+      cutout_frac=0.0)))
+  views = np.asarray(f(keys, imgs))
+  # The draws rand_augment makes: layers from the first half of the key.
+  draws = jax.jit(jax.vmap(lambda k: ra.USB.draw(jax.random.split(k)[0], 3,
+                                                 len(exact), 5.0, None)))(keys)
+  geometric = 0
+  for i, img in enumerate(imgs):
+    pil = Image.fromarray(img)
+    for op, u in zip(np.asarray(draws.op[i]), np.asarray(draws.level[i])):
+      pil = _usb_pil(pil, exact[op], float(u))
+      geometric += exact[op] in ra.GEOMETRIC_OPS
+    np.testing.assert_array_equal(views[i], np.asarray(pil, np.float32),
+                                  err_msg=f"view {i}")
+  assert geometric >= 8  # black borders (PIL's fill) were compared
+
+
+def test_usb_fused_layer_matches_each_op():
+  ops = ra.USB.known_ops
+  n = len(ops)
+  draws = ra.Draws(op=np.arange(n, dtype=np.int32), apply=np.ones(n, bool),
+                   sign=np.ones(n, np.float32),
+                   level=np.linspace(0.05, 0.95, n).astype(np.float32),
+                   key=jax.random.split(jax.random.key(1), n))
+  value = lambda *a: ra.USB.value(*a, **ra.USB.options)
+
+  def fused_and_each(img):
+    h, w, _ = img.shape
+    # pylint: disable-next=protected-access
+    one = lambda d: ra._layer(img, d, d.level, ops, value, ra.USB.fill)
+    each = [ra.apply_op(img, ops[j], value(ops[j], draws.level[j], 1.0, h, w),
+                        fill=ra.USB.fill) for j in range(n)]
+    return jax.vmap(one)(draws), each
+
+  img = _photos(16, 1)[0, :12, :10].astype(np.float32)
+  fused, each = jax.jit(fused_and_each)(img)
+  for j, out in enumerate(each):
+    np.testing.assert_array_equal(fused[j], out, err_msg=ops[j])
+
+
+def test_usb_bad_options_are_refused():
+  strong = lambda **kw: aug.view_fn(dict(kind="strong", policy="usb", **kw))
+  strong(magnitude=0)
+  strong(magnitude=30, cutout_frac=0.25, cutout_fill=128)  # all accepted
+  with pytest.raises(ValueError, match=r"magnitude 31 is outside policy "
+                     r"'usb''s range \[0, 30\] \(policy 'usb' does not read "
+                     r"the magnitude"):
+    strong(magnitude=31)
+  with pytest.raises(ValueError, match=r"cutout_frac=0.6 is outside "
+                     r"\[0, 0.5\]"):
+    strong(cutout_frac=0.6)
+  with pytest.raises(ValueError, match=r"cutout_fill=\(1, 2\) must be one "
+                     r"value or 3"):
+    strong(cutout_fill=(1, 2))
+  with pytest.raises(ValueError, match="unknown RandAugment op 'Cutout' for "
+                     "policy 'usb'"):
+    strong(ops=("Rotate", "Cutout"))
+  with pytest.raises(TypeError, match=r"takes no option\(s\) "
+                     r"\['translate_const'\]; its options: \('cutout_frac', "
+                     r"'cutout_fill'\)"):
+    strong(translate_const=4)

@@ -31,6 +31,12 @@ the tests named failed, then the line was restored):
   optim     decay factor with lr_0 instead of lr_t         -> test_adam_decay_after_update
   optim     coupled L2 also added in 'after_update' mode   -> test_adam_decay_after_update
   config    cifar10 ramp_steps 16000 instead of 16384      -> test_cifar10_config_matches_the_reference
+  mixmatch  alignment of the sharpened guess instead of before sharpening
+                                                           -> test_step_with_alignment
+  mixmatch  aligned average not used (q from `guess_labels`)
+                                                           -> test_step_with_alignment
+  mixmatch  new alignment estimates not written to the state
+                                                           -> test_step_with_alignment
 """
 
 import chex
@@ -94,8 +100,11 @@ def ref_interleave(xy, batch):
   return [jnp.concatenate(v) for v in xy]
 
 
-def by_hand(params, model_state, batch, key, cfg, step):
-  """MixMatch's loss as the reference computes it; (loss, aux)."""
+def by_hand(params, model_state, batch, key, cfg, step, align=None):
+  """MixMatch's loss as the reference computes it; (loss, aux).
+
+  `align`, if given, maps the K-view average before sharpening (distribution
+  alignment)."""
   h = cfg.mixmatch
   lab, unl = batch["labeled"], batch["unlabeled"]
   b = lab["weak"].shape[0]
@@ -103,6 +112,8 @@ def by_hand(params, model_state, batch, key, cfg, step):
   probs = [jnp.exp(log_softmax(ref_forward(params, model_state, u, True)[0]))
            for u in us]                       # one BN batch per view
   mean = sum(probs) / len(probs)
+  if align is not None:
+    mean = align(jax.lax.stop_gradient(mean))
   q = mean ** (1 / h.temperature)
   q = jax.lax.stop_gradient(q / jnp.sum(q, -1, keepdims=True))
   x = jnp.concatenate([lab["weak"]] + us)
@@ -175,6 +186,86 @@ def test_step(interleave):
     assert float(aux["l2u"]) > 1e-4 and aux["w"] == 0.75
     assert float(jnp.max(jnp.abs(params["Dense_0"]["kernel"] -
                                  state.params["Dense_0"]["kernel"]))) > 1e-3
+
+
+def test_step_with_alignment():
+  """Distribution alignment (ema, target 'labeled') of the K-view average
+  before sharpening: the estimate after the batch and the whole update."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    m, eps = 0.5, 1e-6
+    cfg = mm_config(interleave=False)
+    cfg.mixmatch.alignment = ml_collections.ConfigDict(
+        dict(kind="ema", target="labeled", momentum=m))
+    labels = np.array([0, 0, 0, 1, 2, 0, 3, 1])
+    ctx = make_ctx(cfg, Net(bn=True), labeled_index=np.arange(6),
+                   train_labels=labels)
+    marginal = jnp.asarray([4, 1, 1, 0]) / 6
+    init = ctx.bind(mixmatch.init_state)(jax.random.key(0))
+    assert isinstance(init, mixmatch.MixMatchState)
+    assert_close(init.alignment["p_target"], marginal, tol=1e-7)
+    p_model0 = jnp.asarray([0.1, 0.2, 0.3, 0.4])
+    state = random_train_state(
+        rng, ctx.tx, bn=True, scale=2.0, step=1, cls=mixmatch.MixMatchState,
+        alignment={"p_model": p_model0, "seen": jnp.asarray(True),
+                   "p_target": marginal})
+    n = lambda k: jnp.asarray(rng.normal(size=(k, 3)))
+    batch = {"labeled": {"weak": n(4), "label": jnp.asarray([0, 1, 2, 3],
+                                                            jnp.int32),
+                         "index": jnp.arange(4, dtype=jnp.int32)},
+             "unlabeled": {"weak": n(4), "weak_1": n(4),
+                           "label": jnp.asarray([3, 1, 0, 2], jnp.int32),
+                           "index": jnp.arange(4, 8, dtype=jnp.int32)}}
+    new, _ = run_step(mixmatch.train_step, state, batch, ctx, key=7)
+
+    # The guesses at the state's parameters, by hand: their K-view average.
+    mean = sum(jnp.exp(log_softmax(ref_forward(
+        state.params, state.model_state, batch["unlabeled"][v], True)[0]))
+               for v in ("weak", "weak_1")) / 2
+    p_model = m * p_model0 + (1 - m) * jnp.mean(mean, 0)
+
+    def align(pbar):
+      out = pbar * (marginal + eps) / (p_model + eps)
+      return out / jnp.sum(out, -1, keepdims=True)
+
+    (_, aux), grads = jax.jit(jax.value_and_grad(
+        lambda p: by_hand(p, state.model_state, batch, jax.random.key(7),
+                          cfg, 1, align=align), has_aux=True))(state.params)
+    trace = jax.tree.unflatten(jax.tree.structure(state.params),
+                               trace_of(state.opt_state))
+    params, new_trace = ref_sgd(state.params, grads, trace, 0.125, 0.0625)
+    assert_close(new.params, params)
+    assert_close(trace_of(new.opt_state), jax.tree.leaves(new_trace))
+    assert_close(new.model_state, aux["ms"])
+    assert_close(new.alignment["p_model"], p_model)
+    assert_close(new.alignment["p_target"], marginal)
+    # Not vacuous: alignment changed the guess.
+    plain = mean ** 2 / jnp.sum(mean ** 2, -1, keepdims=True)
+    assert float(jnp.max(jnp.abs(aux["q"] - plain))) > 1e-2
+
+
+def test_alignment_errors():
+  """Target 'model' has no unmixed labeled prediction; 'labeled' needs the
+  labeled split; an alignment field out of range names it."""
+  c = mm_config()
+  c.mixmatch.alignment = ml_collections.ConfigDict(dict(kind="ema",
+                                                        target="model"))
+  with pytest.raises(R2D2Error, match=r"config\.mixmatch\.alignment\.target="
+                     r"'model': MixMatch's step has no unmixed"):
+    mixmatch.hparams(c)
+  c.mixmatch.alignment = ml_collections.ConfigDict(dict(kind="ema",
+                                                        momentum=1.0))
+  with pytest.raises(R2D2Error, match=r"config\.mixmatch\.alignment: "
+                     r"momentum=1\.0 is outside"):
+    mixmatch.hparams(c)
+  c.mixmatch.alignment = ml_collections.ConfigDict(dict(kind="queue"))
+  with jax.enable_x64(True):
+    ctx = make_ctx(c, Net())                  # no labeled split in the task
+    with pytest.raises(R2D2Error, match=r"config\.mixmatch\.alignment\."
+                       r"target='labeled' needs the labeled split"):
+      ctx.bind(mixmatch.init_state)(jax.random.key(0))
+  del c.mixmatch["alignment"]
+  assert not mixmatch.hparams(c).alignment.enabled
 
 
 # ---------------------------------------------------------------------------

@@ -5,22 +5,57 @@ of ONE image ``img[H, W, C]`` (C = 1 or 3, any H x W).  Batches are handled by
 ``jax.vmap`` (see :func:`augment_batch`), and every example gets its own key
 from :func:`example_keys`, i.e. ``fold_in(fold_in(seed_key, step), index)``.
 The augmented batch at step ``k`` is therefore a pure function of
-``(seed, step, example index)`` and does not depend on the batch composition,
-the device count or the sharding (bit-identical on one backend; a different
-backend may round a rare pixel differently by one gray level).
+``(seed, step, example index)`` (and of the augmentation state, below) and
+does not depend on the batch composition, the device count or the sharding
+(bit-identical on one backend; a different backend may round a rare pixel
+differently by one gray level).
 
 * Inputs may be any dtype (normally ``uint8``) on the 0..255 scale; outputs
   are ``float32`` on the 0..255 scale.  Normalisation happens elsewhere.
 * Flip, translate and cutout keep integer-valued inputs integer-valued.
 * The strong view's RandAugment is one of the named policies of
   :mod:`r2d2_jax.data.randaugment` (``'mpl'``, ``'fixmatch'``, ``'legacy'``),
-  its ops those of :mod:`r2d2_jax.data.image_ops` (re-exported here).
-* A view may read an augmentation ``state`` pytree (e.g. CTAugment's bin
-  weights) that the trainer passes to :func:`make_views`; no current policy
-  reads it.
+  its ops those of :mod:`r2d2_jax.data.image_ops` (re-exported here), or the
+  stateful policy ``'ctaugment'`` (:mod:`r2d2_jax.data.ctaugment`).
 * Pixels exposed by translation with ``pad_mode='constant'``, geometric ops
   and cutout are gray (:data:`GRAY` = 128, the ``replace`` value of the TF
-  references).
+  references); CTAugment's own ops follow its reference (black for the
+  geometric ops, 127 for cutout).
+
+Stateful augmentations (docs/algorithms.md, "Stateful augmentations")
+---------------------------------------------------------------------
+An augmentation that reads and learns a state (CTAugment's bin weights) is a
+policy listed in :data:`STATEFUL_POLICIES` (name -> module) whose module has
+
+  ``NAME``                   the policy name, also the key of its entry in the
+                             augmentation state;
+  ``init_state() -> pytree`` its initial state;
+  ``hparams_from(spec)``     its settings from the strong view's spec
+                             (``config.data.augment.strong``), validated
+                             (errors name the field);
+  ``augment(key, img, state, **settings) -> img``
+                             the strong view's draw, reading ``state``;
+  ``probe(key, img, **settings) -> (img, aux)``
+                             a draw whose outcome (``aux``, a pytree of
+                             arrays) the method learns from.
+The contract between the pieces:
+  1. the METHOD keeps ``{NAME: init_state()}`` in its train state (FixMatch:
+     ``FixMatchState.augment``) and returns it from ``Method.augment_state``;
+  2. the TRAINER calls ``prepare_batch(..., augment_state=
+     method.augment_state(state))`` inside the jitted step; every strong view
+     of a stateful policy reads ``augment_state[NAME]`` (the state BEFORE the
+     step's update, the same for every example);
+  3. a view named ``'probe'`` in ``Method.views`` is the probe draw of the
+     strong policy, applied after the weak view's flip / translate; a view fn
+     may return ``(image, aux)``: ``make_views`` / ``prepare_batch`` hand
+     ``aux`` to the step as ``batch[stream]['<view>_aux']`` (unnormalised);
+  4. the METHOD's step learns the new state from the aux and its network
+     (CTAugment: ``ctaugment.proximity`` of the EVAL network's prediction on
+     the probe, then ``ctaugment.update``), and writes it back to its state,
+     so it is checkpointed and resumed with the rest of the state.
+``views.view_specs`` refuses (``R2D2Error`` naming
+``config.data.augment.strong.policy``) a stateful policy for a method whose
+``augment_state`` has no entry for it, or that has no strong view.
 """
 
 from __future__ import annotations
@@ -31,6 +66,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from r2d2_jax.data import ctaugment
 from r2d2_jax.data import randaugment
 # The ops, re-exported: `augment.solarize`, `augment.GRAY`, ...
 from r2d2_jax.data.image_ops import (  # pylint: disable=unused-import
@@ -41,7 +77,10 @@ from r2d2_jax.data.randaugment import (  # pylint: disable=unused-import
     DEFAULT_POLICY, GEOMETRIC_OPS, POLICIES, apply_op, rand_augment)
 
 Array = jax.Array
-AugmentFn = Callable[[Array, Array], Array]
+AugmentFn = Callable[[Array, Array], Any]
+
+STATEFUL_POLICIES: dict[str, Any] = {ctaugment.NAME: ctaugment}
+"""The strong-view policies that read a learned state (module docstring)."""
 
 # --------------------------------------------------------------------------
 # Keys
@@ -274,14 +313,60 @@ def strong(key: Array, img: Array, *, flip: bool = True, translate: int = 0,
   """
   k_weak, k_ra, k_cut = jax.random.split(key, 3)
   out = weak(k_weak, img, flip=flip, translate=translate, pad_mode=pad_mode)
-  out = rand_augment(k_ra, out, num_ops=num_ops, magnitude=magnitude,
-                     policy=policy, state=state, **policy_options)
+  if policy in STATEFUL_POLICIES:
+    out, fill = _stateful_strong(k_ra, out, policy, num_ops, state,
+                                 policy_options)
+  else:
+    out = rand_augment(k_ra, out, num_ops=num_ops, magnitude=magnitude,
+                       policy=policy, state=state, **policy_options)
+    fill = policy_options.get("fill", GRAY)
   if cutout > 0:
-    out = _cutout(k_cut, out, cutout, fill=policy_options.get("fill", GRAY))
+    out = _cutout(k_cut, out, cutout, fill=fill)
   if weak_after:
     out = weak(jax.random.fold_in(key, 3), out, flip=flip,
                translate=translate, pad_mode=pad_mode)
   return out
+
+
+def _stateful_strong(key: Array, img: Array, policy: str, num_ops: int,
+                     state: Any, options: Mapping[str, Any]
+                     ) -> tuple[Array, float]:
+  """A stateful policy's strong draw; returns (image, the cutout fill)."""
+  module = STATEFUL_POLICIES[policy]
+  hp = module.hparams_from(dict(options, num_ops=num_ops))
+  if state is None or module.NAME not in state:
+    raise ValueError(
+        f"policy {policy!r} reads its learned state from the augmentation "
+        f"state (entry {module.NAME!r}), which the method does not provide "
+        "(Method.augment_state); see docs/algorithms.md, 'Stateful "
+        "augmentations'")
+  out = module.augment(key, img, state[module.NAME], num_ops=hp.num_ops,
+                       threshold=hp.threshold, decay=hp.decay, ops=hp.ops)
+  # The reference's final cutout (level 1) is gray 127, not 128.
+  return out, options.get("fill", module.CUTOUT_FILL)
+
+
+def probe(key: Array, img: Array, *, policy: str = ctaugment.NAME,
+          num_ops: int = 2, ops: Any = None, state: Any = None,
+          **weak_kwargs: Any) -> tuple[Array, Any]:
+  """The probe view of a stateful policy: weak, then the policy's probe draw.
+
+  Args:
+    key: PRNG key.
+    img: ``[H, W, C]`` image.
+    policy: a stateful policy (:data:`STATEFUL_POLICIES`).
+    num_ops: its number of layers.
+    ops: its op subset (None: all).
+    state: unused (the probe draw reads no state).
+    **weak_kwargs: :func:`weak`'s arguments (flip, translate, ...).
+
+  Returns:
+    (``[H, W, C]`` float32 image, the draws: the policy's aux pytree).
+  """
+  del state
+  out = weak(jax.random.fold_in(key, 0), img, **weak_kwargs)
+  return STATEFUL_POLICIES[policy].probe(jax.random.fold_in(key, 1), out,
+                                         num_ops=num_ops, ops=ops)
 
 
 # --------------------------------------------------------------------------
@@ -297,7 +382,7 @@ def no_augment(key: Array, img: Array) -> Array:
 
 _KINDS: dict[str, Callable[..., Array]] = {
     "none": no_augment, "weak": weak, "strong": strong,
-    "rand_augment": rand_augment,
+    "rand_augment": rand_augment, "probe": probe,
 }
 
 
@@ -310,14 +395,16 @@ def view_fn(spec: Mapping[str, Any], state: Any = None) -> AugmentFn:
 
   Args:
     spec: a dict / ``ConfigDict`` with ``kind`` in {'none', 'weak',
-      'strong', 'rand_augment'} and that function's keyword arguments,
+      'strong', 'rand_augment', 'probe'} and that function's keyword
+      arguments,
       e.g. ``dict(kind='strong', flip=True, translate=4, policy='mpl',
       num_ops=2, magnitude=16, cutout=16)``.
     state: optional augmentation state (a pytree, may be traced) handed to
       the policy of a strong / RandAugment view; ignored by the others.
 
   Returns:
-    The per-image augmentation with the hyper-parameters bound (static).
+    The per-image augmentation with the hyper-parameters bound (static);
+    a 'probe' view's returns ``(image, aux)``.
   """
   spec = dict(spec.items())
   kind = spec.pop("kind", None)
@@ -330,10 +417,20 @@ def view_fn(spec: Mapping[str, Any], state: Any = None) -> AugmentFn:
     if spec:
       raise TypeError(f"view kind 'none' takes no arguments, got {spec}")
     return fn
-  if kind in ("strong", "rand_augment"):
+  policy = spec.get("policy", DEFAULT_POLICY)
+  if kind == "probe":
+    if policy not in STATEFUL_POLICIES:
+      raise ValueError(f"a probe view needs a stateful policy "
+                       f"{tuple(STATEFUL_POLICIES)}, got {policy!r}")
+    spec["state"] = state
+  elif kind == "strong" and policy in STATEFUL_POLICIES:
+    # Handled before randaugment.check, which knows the stateless policies.
+    STATEFUL_POLICIES[policy].hparams_from(spec)
+    spec["state"] = state
+  elif kind in ("strong", "rand_augment"):
     not_options = ("flip", "translate", "pad_mode", "cutout", "weak_after",
                    "num_ops", "fill", "policy", "magnitude", "ops")
-    randaugment.check(spec.get("policy", DEFAULT_POLICY),
+    randaugment.check(policy,
                       spec.get("magnitude", 10.0), spec.get("ops"),
                       **{k: v for k, v in spec.items() if k not in not_options})
     spec["state"] = state
@@ -365,12 +462,19 @@ def make_views(key: Array, step: Any, images: Array, indices: Any,
       view's policy.  None (the default) for policies that read none.
 
   Returns:
-    ``{name: [B, H, W, C] float32}`` with the same keys as ``views``.
+    ``{name: [B, H, W, C] float32}`` with the same keys as ``views``, and
+    ``'<name>_aux'``: the side information (a pytree of ``[B, ...]``
+    arrays) of each view whose fn returns ``(image, aux)`` (a probe view's
+    draws).
   """
   base = example_keys(key, step, indices)
   out = {}
   for name, spec in views.items():
     fn = view_fn(spec, state)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base, view_id(name))
-    out[name] = jax.vmap(fn)(keys, images)
+    result = jax.vmap(fn)(keys, images)
+    if isinstance(result, tuple):
+      out[name], out[f"{name}_aux"] = result
+    else:
+      out[name] = result
   return out

@@ -107,6 +107,40 @@ def cutout_at(img: Array, cy: Any, cx: Any, size: Any,
   return jnp.where(inside, jnp.float32(fill), img)
 
 
+def cutout_abs(img: Array, x0: Any, y0: Any, v: Any,
+               fill: Any = GRAY) -> Array:
+  """USB's (and kekmodel FixMatch's) ``CutoutAbs`` box for a drawn corner.
+
+  Fills ``ImageDraw.rectangle((x0', y0', x1, y1))`` with ``x0' = int(max(0,
+  x0 - v/2))``, ``x1 = min(W, x0' + v)`` (likewise y): both corners
+  included, coordinates truncated, clipped to the image, so the box is
+  ``int(v) + 1`` pixels wide before clipping.  ``v <= 0`` is the identity
+  (USB's ``Cutout`` returns the image for ``v <= 0``).
+
+  Args:
+    img: ``[H, W, C]`` image.
+    x0: the drawn column (float, may be traced), before ``- v/2``.
+    y0: the drawn row (float, may be traced).
+    v: the side in pixels (float, may be traced).
+    fill: a scalar or a ``[C]`` colour.
+
+  Returns:
+    ``[H, W, C]`` float32 image.
+  """
+  img = _as_float(img)
+  h, w, _ = img.shape
+  v = jnp.asarray(v, jnp.float32)
+  left = jnp.floor(jnp.maximum(0.0, jnp.asarray(x0, jnp.float32) - v / 2.0))
+  top = jnp.floor(jnp.maximum(0.0, jnp.asarray(y0, jnp.float32) - v / 2.0))
+  right = jnp.floor(jnp.minimum(jnp.float32(w), left + v))
+  bottom = jnp.floor(jnp.minimum(jnp.float32(h), top + v))
+  rows = jnp.arange(h, dtype=jnp.float32)[:, None, None]
+  cols = jnp.arange(w, dtype=jnp.float32)[None, :, None]
+  inside = ((rows >= top) & (rows <= bottom) & (cols >= left)
+            & (cols <= right) & (v > 0.0))
+  return jnp.where(inside, jnp.asarray(fill, jnp.float32), img)
+
+
 # --------------------------------------------------------------------------
 # RandAugment ops.  Each takes an integer-valued float32 image in [0, 255]
 # and returns one; parameters may be traced scalars.

@@ -23,6 +23,16 @@ policies"):
   This library's earlier RandAugment: severity rises with ``m = M /
   max_magnitude`` for every op, every drawn op applied.  Kept to reproduce
   older runs; no paper config uses it.
+``'usb'``
+  USB's RandAugment (microsoft/Semi-supervised-learning
+  ``semilearn/datasets/augmentation/randaugment.py``, the strong view of its
+  FlexMatch / FreeMatch / SoftMatch / AdaMatch configs, called as
+  ``RandAugment(3, 5)``): 14 ops (Identity, no Invert / Cutout), every drawn
+  op applied, each op's value drawn uniformly from its own [min, max] (the
+  magnitude is accepted, in [0, 30], and never read: USB marks it
+  "deprecated"), then ALWAYS a Cutout of side ``int(v) + 1``,
+  ``v ~ U(0, 0.5) W`` pixels, coloured (125, 123, 114).  Geometric ops fill
+  black (PIL's default), not gray.
 
 Every policy draws everything from the key it is given, so a view stays a
 pure function of (seed, step, example index).  A policy may also read a
@@ -49,6 +59,14 @@ Cutout           2 int(L cutout_const)   --                   --
                  square
 SolarizeAdd      +int(110 L) below 128   --                   --
 ===============  ======================  ===================  ==================
+
+``'usb'`` (``u ~ U(0, 1)`` per layer, the value ``min + (max - min) u``;
+no separate sign): Rotate [-30, 30] degrees; ShearX / Y [-0.3, 0.3];
+TranslateX / Y [-0.3, 0.3] times W / H pixels; Color, Contrast, Brightness,
+Sharpness factor [0.05, 0.95] (never above 1); Solarize threshold [0, 256];
+Posterize ``int(v)`` bits, v in [4, 8] (4..7); AutoContrast, Equalize,
+Identity.  ``ops=`` picks a subset, e.g. USB's ``augment_list_no_color``
+(its MedMNIST lists) or adds Invert.
 """
 
 from __future__ import annotations
@@ -58,6 +76,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from r2d2_jax.data import image_ops as ops_lib
 from r2d2_jax.data.image_ops import GRAY
@@ -106,6 +125,14 @@ class Policy:
       Draws``.
     value: ``value(name, level, sign, h, w, **options)``: the op's parameter
       (degrees, shear, pixels, factor, threshold, bits, square side, ...).
+    fill: the default value of pixels uncovered by geometric ops (and by the
+      Cutout op), when ``rand_augment`` is given no ``fill``.
+    finish: None, or ``finish(key, img, **options) -> img``, applied after
+      the layers whatever ``num_ops`` (``'usb'``: its always-on Cutout).
+    check_options: None, or ``check_options(**options)``, raising
+      ValueError for a bad option value (called by :func:`check`).
+    reads_magnitude: False for a policy that accepts M (in its range) but
+      never reads it (``'usb'``); named in the range error.
   """
   name: str
   reference: str
@@ -116,6 +143,10 @@ class Policy:
   options: Mapping[str, Any]
   draw: Callable[..., Draws]
   value: Callable[..., Any]
+  fill: float = GRAY
+  finish: Callable[..., Array] | None = None
+  check_options: Callable[..., None] | None = None
+  reads_magnitude: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +328,106 @@ LEGACY = Policy(
     draw=_legacy_draw, value=_legacy_value)
 
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (MPL, FIXMATCH, LEGACY)}
+# ---------------------------------------------------------------------------
+# 'usb': microsoft/Semi-supervised-learning (USB) semilearn/datasets/
+# augmentation/randaugment.py RandAugment
+
+_USB_RANGES: dict[str, tuple[float, float]] = {  # `augment_list()`
+    "AutoContrast": (0.0, 1.0), "Brightness": (0.05, 0.95),
+    "Color": (0.05, 0.95), "Contrast": (0.05, 0.95), "Equalize": (0.0, 1.0),
+    "Identity": (0.0, 1.0), "Posterize": (4.0, 8.0), "Rotate": (-30.0, 30.0),
+    "Sharpness": (0.05, 0.95), "ShearX": (-0.3, 0.3), "ShearY": (-0.3, 0.3),
+    "Solarize": (0.0, 256.0), "TranslateX": (-0.3, 0.3),
+    "TranslateY": (-0.3, 0.3)}
+_USB_OPS = tuple(_USB_RANGES)
+USB_CUTOUT_FILL: tuple[int, int, int] = (125, 123, 114)
+"""``CutoutAbs``'s colour in USB (an RGB mean of CIFAR-like images)."""
+
+
+def _usb_draw(key, num_ops, num_choices, magnitude, state, **options):
+  del magnitude, state, options
+
+  def layer(k):
+    k_op, k_value, k_op_key = jax.random.split(k, 3)
+    # `random.choices(augment_list, k=n)`: uniform, with replacement; the
+    # level is `random.random()`, the op's value `min + (max - min) * level`
+    # (see `_usb_value`): the sign is in the value, every op is applied.
+    return Draws(op=jax.random.randint(k_op, (), 0, num_choices),
+                 apply=jnp.bool_(True), sign=jnp.float32(1.0),
+                 level=jax.random.uniform(k_value), key=k_op_key)
+
+  return jax.vmap(layer)(jax.random.split(key, num_ops))
+
+
+def _usb_value(name, level, sign, h, w, **options):
+  del sign, options
+  lo, hi = _USB_RANGES.get(name, (0.0, 1.0))
+  v = jnp.float32(lo) + jnp.float32(hi - lo) * jnp.asarray(level, jnp.float32)
+  if name in ("Rotate", "ShearX", "ShearY", "Solarize") or name in _ENHANCE:
+    return v  # degrees (PIL: counter-clockwise), shear, threshold, factor
+  if name == "TranslateX":
+    return v * jnp.float32(w)  # `v * img.size[0]` pixels
+  if name == "TranslateY":
+    return v * jnp.float32(h)  # `v * img.size[1]` pixels
+  if name == "Posterize":
+    return jnp.maximum(jnp.floor(v), 1.0)  # `max(1, int(v))` bits
+  return jnp.float32(0.0)  # AutoContrast, Equalize, Identity, Invert
+
+
+def _usb_fill(fill: Any, channels: int) -> Array:
+  """The cutout colour for a ``channels``-channel image."""
+  f = jnp.asarray(fill, jnp.float32).reshape(-1)
+  if f.size == 1:
+    return f
+  if channels == 1:  # PIL's convert('L') of the colour (123 for USB's)
+    wr, wg, wb = ops_lib._LUMA_FIXED  # pylint: disable=protected-access
+    return jnp.floor((wr * f[0:1] + wg * f[1:2] + wb * f[2:3] + 32768.0)
+                     / 65536.0)
+  return f
+
+
+def _usb_finish(key, img, *, cutout_frac=0.5, cutout_fill=USB_CUTOUT_FILL):
+  """USB's always-on ``Cutout(img, random.random() * 0.5)``.
+
+  ``v = U * cutout_frac * W`` pixels; ``CutoutAbs`` draws ``x0 =
+  np.random.uniform(W)``, which is numpy's ``uniform(low=W, high=1.0)``,
+  i.e. uniform on (1, W] (likewise y0 on (1, H]), and fills the box of
+  :func:`image_ops.cutout_abs` (side ``int(v) + 1`` before clipping).
+  """
+  h, w, c = img.shape
+  if cutout_frac <= 0:
+    return img
+  k_v, k_x, k_y = jax.random.split(key, 3)
+  v = jax.random.uniform(k_v) * jnp.float32(cutout_frac) * jnp.float32(w)
+  x0 = jnp.float32(w) - jnp.float32(w - 1) * jax.random.uniform(k_x)
+  y0 = jnp.float32(h) - jnp.float32(h - 1) * jax.random.uniform(k_y)
+  return ops_lib.cutout_abs(img, x0, y0, v, _usb_fill(cutout_fill, c))
+
+
+def _usb_check_options(*, cutout_frac=0.5, cutout_fill=USB_CUTOUT_FILL):
+  if not 0.0 <= float(cutout_frac) <= 0.5:
+    raise ValueError(f"policy 'usb' option cutout_frac={cutout_frac} is "
+                     "outside [0, 0.5] (USB's Cutout asserts v <= 0.5; 0 "
+                     "disables the cutout)")
+  fill = np.asarray(cutout_fill, np.float64).reshape(-1)
+  if fill.size not in (1, 3) or not np.all((fill >= 0) & (fill <= 255)):
+    raise ValueError(f"policy 'usb' option cutout_fill={cutout_fill!r} must "
+                     "be one value or 3 (RGB) values in [0, 255]")
+
+
+USB = Policy(
+    name="usb",
+    reference="microsoft/Semi-supervised-learning (USB) semilearn/datasets/"
+              "augmentation/randaugment.py RandAugment",
+    ops=_USB_OPS, known_ops=_USB_OPS + ("Invert",),
+    magnitude_range=(0.0, 30.0), integer_magnitude=False,
+    options={"cutout_frac": 0.5, "cutout_fill": USB_CUTOUT_FILL},
+    draw=_usb_draw, value=_usb_value, fill=0.0, finish=_usb_finish,
+    check_options=_usb_check_options, reads_magnitude=False)
+
+
+POLICIES: dict[str, Policy] = {
+    p.name: p for p in (MPL, FIXMATCH, LEGACY, USB)}
 """Every policy by name."""
 
 DEFAULT_POLICY = "mpl"
@@ -337,8 +467,11 @@ def check(policy: str, magnitude: float, ops: Sequence[str] | None = None,
   pol = get_policy(policy)
   lo, hi = pol.magnitude_range
   if not lo <= float(magnitude) <= hi:
+    unread = ("" if pol.reads_magnitude else
+              f" (policy {pol.name!r} does not read the magnitude: any value "
+              "in the range gives the same views)")
     raise ValueError(f"magnitude {magnitude} is outside policy {pol.name!r}'s "
-                     f"range [{lo:g}, {hi:g}]")
+                     f"range [{lo:g}, {hi:g}]{unread}")
   if pol.integer_magnitude and float(magnitude) != int(magnitude):
     raise ValueError(f"policy {pol.name!r} needs an integer magnitude (levels "
                      f"are drawn from 1..M-1), got {magnitude}")
@@ -351,7 +484,10 @@ def check(policy: str, magnitude: float, ops: Sequence[str] | None = None,
   if unknown:
     raise TypeError(f"policy {pol.name!r} takes no option(s) "
                     f"{sorted(unknown)}; its options: {tuple(pol.options)}")
-  return pol, ops, {**pol.options, **options}
+  options = {**pol.options, **options}
+  if pol.check_options is not None:
+    pol.check_options(**options)
+  return pol, ops, options
 
 
 # ---------------------------------------------------------------------------
@@ -463,48 +599,56 @@ def _layer(img: Array, draw: Draws, level: Any, ops: tuple[str, ...],
 def rand_augment(key: Array, img: Array, *, num_ops: int, magnitude: float,
                  policy: str = DEFAULT_POLICY,
                  ops: Sequence[str] | None = None, state: Any = None,
-                 fill: float = GRAY, **options: Any) -> Array:
+                 fill: float | None = None, **options: Any) -> Array:
   """RandAugment (Cubuk et al. 2020) as one of the named policies.
 
   Each of the ``num_ops`` layers draws an op (uniformly, with replacement),
   whether to apply it and, for the policy's signed ops, a sign, all from
-  ``key``.
+  ``key``; a policy with a ``finish`` (``'usb'``'s cutout) then applies it.
 
   Args:
     key: PRNG key.
     img: ``[H, W, C]`` image on the 0..255 scale (rounded to integers).
     num_ops: number of layers (N in the paper).
     magnitude: M, on the policy's scale (module docstring).
-    policy: ``'mpl'``, ``'fixmatch'`` or ``'legacy'``.
+    policy: ``'mpl'``, ``'fixmatch'``, ``'legacy'`` or ``'usb'``.
     ops: op list to draw from; None: the policy's (its reference's) list.
     state: optional pytree the policy may read (e.g. CTAugment's bin
       weights); the current policies ignore it.
-    fill: value of pixels uncovered by geometric ops and Cutout.
+    fill: value of pixels uncovered by geometric ops and the Cutout op;
+      None: the policy's (gray 128; black 0 for ``'usb'``, PIL's default).
     **options: the policy's options: ``'mpl'``: ``translate_const`` and
       ``cutout_const`` in pixels at L = 1 (None: ``min(H, W) // 8``, MPL's
       CIFAR call; its ImageNet call uses the class defaults 100 and 40);
       ``'legacy'``: ``max_magnitude`` (10), ``translate_frac`` (0.3),
-      ``apply_prob`` (1).
+      ``apply_prob`` (1); ``'usb'``: ``cutout_frac`` (0.5: the final
+      cutout's side is up to half the width; 0 disables it) and
+      ``cutout_fill`` (USB's RGB (125, 123, 114)).
 
   Returns:
     ``[H, W, C]`` float32 integer-valued image in [0, 255].
   """
   pol, ops, options = check(policy, magnitude, ops, **options)
+  fill = pol.fill if fill is None else fill
   img = jnp.asarray(img, jnp.float32)
   if img.ndim != 3:
     raise ValueError(f"expected one image [H, W, C], got shape {img.shape}")
   img = jnp.clip(jnp.round(img), 0.0, 255.0)  # the references' uint8
-  if num_ops <= 0 or not ops:
-    return img
-  draws = pol.draw(key, num_ops, len(ops), magnitude, state, **options)
-  value = lambda *a: pol.value(*a, **options)
+  # A policy without `finish` draws its layers from `key` itself.
+  k_layers, k_finish = ((key, None) if pol.finish is None
+                        else jax.random.split(key))
+  if num_ops > 0 and ops:
+    draws = pol.draw(k_layers, num_ops, len(ops), magnitude, state, **options)
+    value = lambda *a: pol.value(*a, **options)
 
-  def layer(x: Array, draw: Draws) -> tuple[Array, None]:
-    level = magnitude if draw.level is None else draw.level
-    return _layer(x, draw, level, ops, value, fill), None
+    def layer(x: Array, draw: Draws) -> tuple[Array, None]:
+      level = magnitude if draw.level is None else draw.level
+      return _layer(x, draw, level, ops, value, fill), None
 
-  # A scan (not a Python loop): the layer is compiled once, and XLA cannot
-  # fuse one layer's select-of-all-branches into the next layer's ops
-  # (which made it recompute them; ~20% slower on CPU).
-  img, _ = jax.lax.scan(layer, img, draws)
+    # A scan (not a Python loop): the layer is compiled once, and XLA cannot
+    # fuse one layer's select-of-all-branches into the next layer's ops
+    # (which made it recompute them; ~20% slower on CPU).
+    img, _ = jax.lax.scan(layer, img, draws)
+  if pol.finish is not None:
+    img = pol.finish(k_finish, img, **options)
   return img

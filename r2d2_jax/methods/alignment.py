@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods.base import Task, check_choice, check_range, parse_block
 
 PyTree = Any
@@ -72,18 +73,31 @@ class AlignmentHparams:
     return self.kind != "none"
 
 
-def labeled_marginal(task: Task) -> np.ndarray:
-  """The class frequencies of the labeled set, [C] float32."""
-  if task.labeled_index is None or task.train_labels is None:
-    raise ValueError("alignment target 'labeled' needs the labeled split's "
-                     "labels (Task.labeled_index, Task.train_labels).")
+def labeled_marginal(task: Task, where: str = "config.<block>.alignment"
+                     ) -> np.ndarray:
+  """The class frequencies of the labeled set, [C] float32.
+
+  Raises:
+    R2D2Error: naming `<where>.target` when the task has no labeled split (or
+      an empty one), so the frequencies cannot be computed.
+  """
+  if (task.labeled_index is None or task.train_labels is None or
+      len(task.labeled_index) == 0):
+    raise R2D2Error(
+        f"{where}.target='labeled' needs the labeled split's labels "
+        "(Task.labeled_index, Task.train_labels), and this stage has no "
+        "labeled examples; use target 'uniform' or 'model'.")
   labels = np.asarray(task.train_labels)[np.asarray(task.labeled_index)]
   counts = np.bincount(labels, minlength=task.num_classes).astype(np.float64)
   return (counts / counts.sum()).astype(np.float32)
 
 
-def init_stats(task: Task, hp: AlignmentHparams) -> PyTree:
-  """The running estimates before the first batch ({} when alignment is off)."""
+def init_stats(task: Task, hp: AlignmentHparams,
+               where: str = "config.<block>.alignment") -> PyTree:
+  """The running estimates before the first batch ({} when alignment is off).
+
+  `where` (the sub-block's path in the config) names the field in errors.
+  """
   if not hp.enabled:
     return {}
   c = task.num_classes
@@ -97,7 +111,7 @@ def init_stats(task: Task, hp: AlignmentHparams) -> PyTree:
   if hp.target == "uniform":
     stats["p_target"] = jnp.asarray(uniform)
   elif hp.target == "labeled":
-    stats["p_target"] = jnp.asarray(labeled_marginal(task))
+    stats["p_target"] = jnp.asarray(labeled_marginal(task, where))
   elif hp.kind == "ema":
     stats["p_target"] = jnp.asarray(uniform)
   else:
@@ -119,9 +133,13 @@ def update(stats: PyTree, probs_u: jax.Array, probs_l: jax.Array | None,
       new["p_target"] = m * stats["p_target"] + (1 - m) * jnp.mean(probs_l, 0)
   else:
     ptr = stats["ptr"]
-    new["p_model"] = stats["p_model"].at[ptr].set(mean_u)
+    # The ring keeps its dtype (a wider batch mean is rounded into it).
+    ring = stats["p_model"]
+    new["p_model"] = ring.at[ptr].set(mean_u.astype(ring.dtype))
     if hp.target == "model":
-      new["p_target"] = stats["p_target"].at[ptr].set(jnp.mean(probs_l, 0))
+      ring = stats["p_target"]
+      new["p_target"] = ring.at[ptr].set(
+          jnp.mean(probs_l, 0).astype(ring.dtype))
     new["ptr"] = (ptr + 1) % hp.queue_length
   return new
 
@@ -165,6 +183,18 @@ def align(probs_u: jax.Array, probs_l: jax.Array | None, stats: PyTree,
   return apply(probs_u, stats, hp), stats
 
 
-def parse(block: Any, where: str) -> AlignmentHparams:
-  """`block` (a ConfigDict / dict / None) as `AlignmentHparams`."""
-  return parse_block(AlignmentHparams, block, where)
+def parse(block: Any, where: str, defaults: dict[str, Any] | None = None
+          ) -> AlignmentHparams:
+  """`block` (a ConfigDict / dict / None) as `AlignmentHparams`.
+
+  Args:
+    block: the sub-block; None: every field its default.
+    where: its path in the config, e.g. 'config.fixmatch.alignment', for
+      errors.
+    defaults: a method's own defaults for the fields `block` leaves out
+      (SoftMatch and AdaMatch align by default); None: the dataclass's.
+  """
+  values = dict(defaults or {})
+  if block is not None:
+    values.update(dict(block.items()))
+  return parse_block(AlignmentHparams, values, where)

@@ -49,6 +49,7 @@ Two options every member has, outside its rule:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -56,6 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from r2d2_jax import losses
+from r2d2_jax.data import ctaugment
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import alignment as alignment_lib
 from r2d2_jax.methods.base import (Method, Network, Task, check_range,
@@ -132,7 +134,11 @@ def parse_alignment(config, block: str) -> alignment_lib.AlignmentHparams:
 
 
 def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
-  """`config.<block>` as `cls` (an error names a bad or unknown field)."""
+  """`config.<block>` as `cls` (an error names a bad or unknown field).
+
+  With the strong policy 'ctaugment' the result is `with_ctaugment(cls)`,
+  whose `ctaugment` field holds CTAugment's settings.
+  """
   check_uratio(config, block)
   if config.get(block) is None:
     raise R2D2Error(f"config.{block} is missing; FixMatch's settings: "
@@ -141,9 +147,77 @@ def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
     raise R2D2Error(f"config.{block}.label_smoothing: set the top-level "
                     "config.label_smoothing instead.")
   values = {k: v for k, v in config[block].items() if k != "alignment"}
-  return parse_block(cls, values, f"config.{block}",
+  cta = parse_ctaugment(config)  # CTAugment (H3)
+  extra = {} if cta is None else {"ctaugment": cta}
+  return parse_block(cls if cta is None else with_ctaugment(cls), values,
+                     f"config.{block}",
                      label_smoothing=config.get("label_smoothing"),
-                     alignment=parse_alignment(config, block))
+                     alignment=parse_alignment(config, block), **extra)
+
+
+# --- CTAugment (a learned strong augmentation; docs/algorithms.md,
+# "CTAugment", "Stateful augmentations") -----------------------------------
+# With config.data.augment.strong.policy = 'ctaugment', every family member
+# keeps CTAugment's bin weights in `FixMatchState.augment['ctaugment']`, reads
+# a probe view of the labeled batch, and after the network update classifies
+# the probe with the EVAL variables of the state before the update (EMA
+# weights, BatchNorm in eval mode: the reference's `classify_op`), then
+# updates the weights (`ctaugment.update`, sequential over the batch).
+
+
+def parse_ctaugment(config) -> ctaugment.CTAugmentHparams | None:
+  """CTAugment's settings from `config.data.augment.strong`, or None."""
+  strong = config.data.get("augment", {}).get("strong", None) or {}
+  if strong.get("policy") != ctaugment.NAME:
+    return None
+  try:
+    return ctaugment.hparams_from(strong)
+  except (ValueError, TypeError) as e:
+    raise R2D2Error(f"config.data.augment.strong: {e}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def with_ctaugment(cls: type) -> type:
+  """`cls` with a field `ctaugment` (CTAugment's settings).
+
+  A subclass made when the policy is configured, so that the config blocks
+  (`default_block()`, `dataclasses.asdict` of the variants' classes) do not
+  carry the field; `dataclasses.replace` keeps it.
+  """
+  sub = dataclasses.make_dataclass(
+      f"{cls.__name__}WithCTAugment",
+      [("ctaugment", ctaugment.CTAugmentHparams, dataclasses.field(
+          default=ctaugment.CTAugmentHparams()))],
+      bases=(cls,), frozen=True)
+  sub.__module__ = cls.__module__
+  return sub
+
+
+def ctaugment_of(hp) -> ctaugment.CTAugmentHparams | None:
+  """CTAugment's settings when the strong policy is 'ctaugment', else None."""
+  return getattr(hp, "ctaugment", None)
+
+
+def init_augment(hp) -> PyTree:
+  """`FixMatchState.augment`: {'ctaugment': bin weights} or {}."""
+  return {ctaugment.NAME: ctaugment.init_state()} if ctaugment_of(hp) else {}
+
+
+def learn_augment(state: FixMatchState, lab: PyTree, net: Network, hp
+                  ) -> tuple[PyTree, dict]:
+  """CTAugment's update from the labeled probe (state: before the update)."""
+  cta = ctaugment_of(hp)
+  if cta is None:
+    return state.augment, {}
+  aux = lab["probe_aux"]
+  logits = net.apply_eval(state.variables(ema=True), lab["probe"])
+  probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32)))
+  prox = ctaugment.proximity(probs, lab["label"])
+  rates = ctaugment.update(state.augment[ctaugment.NAME]["rates"], aux.op,
+                           aux.values, prox, cta.decay)
+  return ({**state.augment, ctaugment.NAME: {"rates": rates}},
+          {"monitors/ctaugment_proximity": jnp.mean(prox)})
+# --- end CTAugment ---------------------------------------------------------
 
 
 class Signals(NamedTuple):
@@ -206,18 +280,22 @@ class Rule(NamedTuple):
 
 
 def views(hp) -> dict[str, tuple[str, ...]]:
-  del hp
-  return {"labeled": ("weak",), "unlabeled": ("weak", "strong")}
+  labeled = ("weak", "probe") if ctaugment_of(hp) else ("weak",)  # CTAugment
+  return {"labeled": labeled, "unlabeled": ("weak", "strong")}
 
 
-def make_init_state(rule: Rule) -> Callable[..., FixMatchState]:
+def make_init_state(rule: Rule, block: str = "fixmatch"
+                    ) -> Callable[..., FixMatchState]:
+  """The family's `init_state` over `rule`; `block` names errors' config path."""
   def init_state(rng: jax.Array, *, net: Network, task: Task, hp
                  ) -> FixMatchState:
     base = net.init_train_state(rng)
     return FixMatchState(
         **{f: getattr(base, f) for f in base.__dataclass_fields__},
         stats=rule.init_stats(task, hp),
-        alignment=alignment_lib.init_stats(task, hp.alignment))
+        alignment=alignment_lib.init_stats(task, hp.alignment,
+                                           f"config.{block}.alignment"),
+        augment=init_augment(hp))
   return init_state
 
 
@@ -226,7 +304,10 @@ def make_train_step(rule: Rule) -> Callable[..., tuple[FixMatchState, dict]]:
 
   def train_step(state: FixMatchState, batch, rng: jax.Array, *,
                  net: Network, hp: FixMatchHparams):
-    """One step: batch 'labeled' {'weak', 'label'}, 'unlabeled' {'weak', 'strong'}."""
+    """One step: batch 'labeled' {'weak', 'label'}, 'unlabeled' {'weak', 'strong'}.
+
+    With CTAugment the labeled stream also has 'probe' and 'probe_aux'.
+    """
     lab, unl = batch["labeled"], batch["unlabeled"]
     weight = hp.weight_at(state.step)
 
@@ -248,15 +329,20 @@ def make_train_step(rule: Rule) -> Callable[..., tuple[FixMatchState, dict]]:
       extra, extra_metrics = rule.extra_loss(z_s, mask, stats, hp)
       aux = {"losses/xe": xe, "losses/xeu": xeu, "stats": stats,
              "alignment": da_stats, **extra_metrics}
-      aux.update(pseudo_label_monitors(probs, unl["label"], mask))
+      # The monitors describe the labels trained on (SoftMatch's targets are
+      # the unaligned argmax, the mask reads the aligned probabilities).
+      aux.update(pseudo_label_monitors(targets, unl["label"], mask))
       return xe + weight * xeu + extra, aux
 
     new, metrics = one_network_step(
         state, [lab["weak"], unl["weak"], unl["strong"]], loss_fn, rng, net,
         labels=lab["label"])
+    augment, augment_metrics = learn_augment(state, lab, net, hp)  # CTAugment
     new = new.replace(
         stats=jax.lax.stop_gradient(metrics.pop("stats")),
-        alignment=jax.lax.stop_gradient(metrics.pop("alignment")))
+        alignment=jax.lax.stop_gradient(metrics.pop("alignment")),
+        augment=augment)
+    metrics.update(augment_metrics)
     metrics["monitors/weight"] = weight
     return new, metrics
 
@@ -268,7 +354,7 @@ def family_method(name: str, rule: Rule, hparams_fn: Callable[..., Any],
   """A FixMatch-family `Method` (not registered: pass it to `register`)."""
   method_kwargs.setdefault("augment_state", augment_state)
   return Method(name=name, hparams=hparams_fn, views=views,
-                init_state=make_init_state(rule),
+                init_state=make_init_state(rule, name),
                 train_step=make_train_step(rule), **method_kwargs)
 
 

@@ -18,13 +18,27 @@ averages the parameters only and evaluates with the raw running statistics
 (the reference's EMA covers the trainable variables). Its weight decay is the
 optimizer's `weight_decay_mode='after_update'` (r2d2_jax/optim.py).
 
+Distribution alignment (off by default; `config.mixmatch.alignment`, parsed
+by `methods/alignment.py`, target 'uniform' or 'labeled'), as ReMixMatch
+applies it to its guess: on the K-view average, before sharpening,
+
+  q = sharpen(Normalize(p̄ · (p_target + ε) / (p_model + ε)), T),
+  p̄ = mean_k softmax(f(weak_k x_u)),
+
+the running estimate p_model updated with this batch's mean of p̄ first; its
+statistics are `MixMatchState.alignment` (the state is a plain `TrainState`
+when alignment is off). Target 'model' needs an unmixed labeled prediction,
+which MixMatch's step does not compute: it is an error.
+
 Config block (`config.mixmatch`, parsed into `MixMatchHparams`): weight,
-ramp_steps, temperature, alpha, num_views, interleave.
+ramp_steps, temperature, alpha, num_views, interleave, and the `alignment`
+sub-block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +47,22 @@ import numpy as np
 from r2d2_jax import losses
 from r2d2_jax import meta
 from r2d2_jax.errors import R2D2Error
-from r2d2_jax.methods.base import (Method, Network, check_range, parse_block,
-                                   pseudo_label_monitors, register,
-                                   step_metrics)
+from r2d2_jax.methods import alignment as alignment_lib
+from r2d2_jax.methods.base import (Method, Network, Task, check_range,
+                                   parse_block, pseudo_label_monitors,
+                                   register, step_metrics)
 from r2d2_jax.state import TrainState
+
+PyTree = Any
+ALIGNMENT = "config.mixmatch.alignment"
+
+
+class MixMatchState(TrainState):
+  """A `TrainState` with distribution alignment's running estimates.
+
+  Used only when alignment is on (otherwise the state is a `TrainState`).
+  """
+  alignment: PyTree = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +77,8 @@ class MixMatchHparams:
     num_views: K weak views of each unlabeled image, ≥ 1.
     interleave: BatchNorm over 1 + Kμ interleaved batches (the reference), or
       over the whole mixed batch at once.
+    alignment: distribution alignment of the averaged guess (module
+      docstring), off by default.
   """
   weight: float
   ramp_steps: int = 0
@@ -58,6 +86,7 @@ class MixMatchHparams:
   alpha: float = 0.75
   num_views: int = 2
   interleave: bool = True
+  alignment: alignment_lib.AlignmentHparams = alignment_lib.AlignmentHparams()
 
   def __post_init__(self):
     check_range("weight", self.weight, 0.0)
@@ -75,7 +104,17 @@ class MixMatchHparams:
 
 def hparams(config) -> MixMatchHparams:
   """`config.mixmatch` as `MixMatchHparams`; checks the unlabeled batch."""
-  hp = parse_block(MixMatchHparams, config.get("mixmatch"), "config.mixmatch")
+  block = config.get("mixmatch")
+  values = None if block is None else {
+      k: v for k, v in block.items() if k != "alignment"}
+  al = alignment_lib.parse(None if block is None else block.get("alignment"),
+                           ALIGNMENT)
+  if al.enabled and al.target == "model":
+    raise R2D2Error(
+        f"{ALIGNMENT}.target='model': MixMatch's step has no unmixed "
+        "prediction on the labeled batch to estimate it from; use 'labeled' "
+        "(ReMixMatch) or 'uniform'.")
+  hp = parse_block(MixMatchHparams, values, "config.mixmatch", alignment=al)
   b = int(config.data.batch_size)
   uratio = config.data.get("uratio", 0) or 0
   u = int(round(uratio * b))
@@ -97,6 +136,17 @@ def view_names(hp: MixMatchHparams) -> tuple[str, ...]:
 
 def views(hp: MixMatchHparams) -> dict[str, tuple[str, ...]]:
   return {"labeled": ("weak",), "unlabeled": view_names(hp)}
+
+
+def init_state(rng: jax.Array, *, net: Network, task: Task,
+               hp: MixMatchHparams) -> TrainState:
+  """The network; with alignment on, a `MixMatchState` with its estimates."""
+  base = net.init_train_state(rng)
+  if not hp.alignment.enabled:
+    return base
+  return MixMatchState(
+      **{f: getattr(base, f) for f in base.__dataclass_fields__},
+      alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT))
 
 
 def guess_labels(probs: jax.Array, temperature: float) -> jax.Array:
@@ -164,7 +214,13 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
   x_u = jnp.concatenate([unl[v] for v in view_names(hp)])     # view-major
   logits_u, _ = forward_groups(net, state.variables(), x_u, k_guess, k)
   probs = jax.nn.softmax(logits_u).reshape(k, -1, logits_u.shape[-1])
-  q = guess_labels(probs, hp.temperature)
+  if hp.alignment.enabled:
+    mean, da_stats = alignment_lib.align(
+        jax.lax.stop_gradient(jnp.mean(probs, 0)), None, state.alignment,
+        hp.alignment)
+    q = jax.lax.stop_gradient(losses.sharpen(mean, hp.temperature))
+  else:
+    q = guess_labels(probs, hp.temperature)
 
   x = jnp.concatenate([x_l, x_u])
   p = jnp.concatenate([jax.nn.one_hot(y_l, q.shape[-1], dtype=q.dtype)] +
@@ -190,6 +246,8 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
       objective, has_aux=True)(state.params)
   new = state.apply_gradients(grads, net.tx, model_state, net.ema_decay)
   new = new.replace(ema_model_state=new.model_state)
+  if hp.alignment.enabled:
+    new = new.replace(alignment=jax.lax.stop_gradient(da_stats))
   metrics = step_metrics(state, new, grads, net)
   metrics.update({"losses/total": loss, "losses/xe": xe, "losses/xeu": l2u,
                   "accuracy/train": losses.accuracy(logits_l, y_l),
@@ -199,4 +257,4 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
 
 
 METHOD = register(Method(name="mixmatch", hparams=hparams, views=views,
-                         train_step=train_step))
+                         init_state=init_state, train_step=train_step))

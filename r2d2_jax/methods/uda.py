@@ -18,13 +18,23 @@ The mean is over every unlabeled row (masked rows count as zero), FixMatch's
 convention. The same loss is the auxiliary loss of the Meta Pseudo Labels
 teacher (`r2d2_jax.methods.mpl`), so it is exposed as the pure `uda_loss`.
 
+Distribution alignment (off by default; `config.uda.alignment`, parsed by
+`methods/alignment.py`; the uda method only, not MPL's teacher loss): the
+teacher's probabilities p = softmax(f(weak x_u)) are aligned first,
+p̃ = Normalize(p · (p_target + ε) / (p_model + ε)) (target 'model' reads the
+labeled batch's softmax), and both the targets softmax(log p̃ / τ) and the mask
+(max p̃, or max of the sharpened p̃) read p̃; the running estimates are
+`UdaState.alignment` (the state is a plain `TrainState` when alignment is off).
+
 Config block (`config.uda`, parsed into `UdaHparams`): weight, ramp_steps,
-temperature, threshold, label_smoothing, mask_on.
+temperature, threshold, label_smoothing, mask_on, and (uda only) the
+`alignment` sub-block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +42,23 @@ import jax.numpy as jnp
 from r2d2_jax import losses
 from r2d2_jax import meta
 from r2d2_jax.errors import R2D2Error
-from r2d2_jax.methods.base import (Method, Network, check_choice, check_range,
-                                   one_network_step, parse_block,
+from r2d2_jax.methods import alignment as alignment_lib
+from r2d2_jax.methods.base import (Method, Network, Task, check_choice,
+                                   check_range, one_network_step, parse_block,
                                    pseudo_label_monitors, register)
 from r2d2_jax.state import TrainState
 
+PyTree = Any
 MASK_ON = ("sharpened", "unsharpened")
+ALIGNMENT = "config.uda.alignment"
+
+
+class UdaState(TrainState):
+  """A `TrainState` with distribution alignment's running estimates.
+
+  Used only when alignment is on (otherwise the state is a `TrainState`).
+  """
+  alignment: PyTree = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +72,8 @@ class UdaHparams:
     ramp_steps: the weight ramps linearly from 0 over this many steps (0: none).
     label_smoothing: on the labeled cross-entropy, in [0, 1).
     mask_on: 'unsharpened' (the UDA code) or 'sharpened' (the MPL code).
+    alignment: distribution alignment of the teacher's probabilities (the
+      uda method only; module docstring), off by default.
   """
   weight: float
   temperature: float
@@ -58,6 +81,7 @@ class UdaHparams:
   ramp_steps: int = 0
   label_smoothing: float = 0.0
   mask_on: str = "unsharpened"
+  alignment: alignment_lib.AlignmentHparams = alignment_lib.AlignmentHparams()
 
   def __post_init__(self):
     check_range("weight", self.weight, 0.0)
@@ -78,18 +102,48 @@ class UdaHparams:
                 label_smoothing=self.label_smoothing, mask_on=self.mask_on)
 
 
-def parse_uda(config) -> UdaHparams:
-  """`config.uda` as `UdaHparams` (an error names a bad or unknown field)."""
+def parse_uda(config, *, with_alignment: bool = False) -> UdaHparams:
+  """`config.uda` as `UdaHparams` (an error names a bad or unknown field).
+
+  Args:
+    config: the config.
+    with_alignment: whether the reader applies `config.uda.alignment` (the uda
+      method); otherwise (MPL's teacher) the sub-block is an error.
+  """
   if config.get("uda") is None:
     raise R2D2Error("config.uda is missing; it needs weight, temperature and "
                     "threshold (configs/common.py `uda_block`).")
-  return parse_block(UdaHparams, config.uda, "config.uda")
+  values = {k: v for k, v in config.uda.items() if k != "alignment"}
+  block = config.uda.get("alignment")
+  if block is not None and not with_alignment:
+    raise R2D2Error(f"{ALIGNMENT}: distribution alignment is an option of the "
+                    f"uda method only; {config.get('method')!r} does not "
+                    "apply it.")
+  return parse_block(UdaHparams, values, "config.uda",
+                     alignment=alignment_lib.parse(block, ALIGNMENT))
+
+
+def hparams(config) -> UdaHparams:
+  """The uda method's `config.uda`, its `alignment` sub-block included."""
+  return parse_uda(config, with_alignment=True)
+
+
+def init_state(rng: jax.Array, *, net: Network, task: Task, hp: UdaHparams
+               ) -> TrainState:
+  """The network; with alignment on, a `UdaState` with its estimates."""
+  base = net.init_train_state(rng)
+  if not hp.alignment.enabled:
+    return base
+  return UdaState(
+      **{f: getattr(base, f) for f in base.__dataclass_fields__},
+      alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT))
 
 
 def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
              logits_strong: jax.Array, *, weight: jax.Array | float,
              temperature: float, threshold: float,
-             label_smoothing: float = 0.0, mask_on: str = "unsharpened"
+             label_smoothing: float = 0.0, mask_on: str = "unsharpened",
+             probs_weak: jax.Array | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The UDA objective from logits.
 
@@ -105,6 +159,9 @@ def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
     label_smoothing: on the labeled CE.
     mask_on: 'unsharpened' (the mask reads softmax(logits_weak), the UDA code)
       or 'sharpened' (softmax(logits_weak / τ), the MPL code).
+    probs_weak: the weak view's probabilities to use in place of
+      softmax(logits_weak) (distribution-aligned): targets softmax(log p / τ),
+      mask on p or on the targets. None: from `logits_weak`.
 
   Returns:
     (total loss, {'losses/xe', 'losses/xeu', 'mask'}): `mask` [B_u] is the
@@ -114,10 +171,15 @@ def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
   if mask_on not in MASK_ON:
     raise R2D2Error(f"Unknown uda.mask_on {mask_on!r}. Valid values: "
                     f"{', '.join(MASK_ON)}.")
-  logits_weak = jax.lax.stop_gradient(logits_weak)
-  targets = jax.nn.softmax(logits_weak / temperature)
-  confidence = targets if mask_on == "sharpened" else jax.nn.softmax(
-      logits_weak)
+  if probs_weak is None:
+    logits_weak = jax.lax.stop_gradient(logits_weak)
+    targets = jax.nn.softmax(logits_weak / temperature)
+    confidence = targets if mask_on == "sharpened" else jax.nn.softmax(
+        logits_weak)
+  else:
+    probs_weak = jax.lax.stop_gradient(probs_weak)
+    targets = jax.nn.softmax(jnp.log(probs_weak) / temperature)
+    confidence = targets if mask_on == "sharpened" else probs_weak
   mask = (jnp.max(confidence, -1) >= threshold).astype(logits_strong.dtype)
   consistency = losses.soft_cross_entropy(logits_strong, targets, mask)
   total = xe + weight * consistency
@@ -153,19 +215,32 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
   def loss_fn(logits, params):
     del params
     logits_l, logits_w, logits_s = logits
+    kwargs = hp.loss_kwargs()
+    guess = jax.lax.stop_gradient(logits_w)
+    if hp.alignment.enabled:
+      probs, da_stats = alignment_lib.align(
+          jax.nn.softmax(guess),
+          jax.nn.softmax(jax.lax.stop_gradient(logits_l)), state.alignment,
+          hp.alignment)
+      kwargs.update(probs_weak=probs)
+      guess = probs
     loss, aux = uda_loss(logits_l, lab["label"], logits_w, logits_s,
-                         weight=weight, **hp.loss_kwargs())
+                         weight=weight, **kwargs)
     mask = aux.pop("mask")
-    aux.update(pseudo_label_monitors(jax.lax.stop_gradient(logits_w),
-                                     unl["label"], mask))
+    aux.update(pseudo_label_monitors(guess, unl["label"], mask))
+    if hp.alignment.enabled:
+      aux["alignment"] = da_stats
     return loss, aux
 
-  state, metrics = one_network_step(
+  new, metrics = one_network_step(
       state, [lab["weak"], unl["weak"], unl["strong"]], loss_fn, rng, net,
       labels=lab["label"])
+  if hp.alignment.enabled:
+    new = new.replace(
+        alignment=jax.lax.stop_gradient(metrics.pop("alignment")))
   metrics["monitors/weight"] = weight
-  return state, metrics
+  return new, metrics
 
 
-METHOD = register(Method(name="uda", hparams=parse_uda, views=views,
-                         train_step=train_step))
+METHOD = register(Method(name="uda", hparams=hparams, views=views,
+                         init_state=init_state, train_step=train_step))
