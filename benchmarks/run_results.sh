@@ -36,6 +36,12 @@ stream2() {
     --title 'MNIST, 100 labels: Meta Pseudo Labels (configs/mpl_mnist.py)'
   R --config configs/r2d2_mnist.py --root "$ROOT/r2d2_mnist" "${M[@]}" \
     --title 'MNIST, 100 labels, permutation-invariant MLP (no augmentation)'
+  # The FixMatch variants on digits (FixMatch's network, views and optimizer).
+  for m in flexmatch freematch softmatch adamatch; do
+    R --config "configs/${m}_digits.py" --root "$ROOT/${m}_digits" --name "${m}_digits"
+  done
+  R --config configs/fixmatch_digits.py:cta --root "$ROOT/fixmatch_cta_digits" \
+    --name fixmatch_cta_digits
 }
 
 stream1 > "$ROOT/stream1.log" 2>&1 &

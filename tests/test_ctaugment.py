@@ -412,9 +412,9 @@ def test_a_method_that_does_not_learn_the_state_is_refused(tmp_path):
   augment_config = stage_config().data.augment
   with pytest.raises(R2D2Error, match=r"config\.data\.augment\.strong\.policy="
                      r"'ctaugment' learns its state during training, but "
-                     r"method 'uda' does not learn"):
+                     r"method 'mpl' does not learn"):
     views_lib.view_specs({"unlabeled": ("weak", "strong")}, augment_config,
-                         info, augment_state=None, method="uda")
+                         info, augment_state=None, method="mpl")
   with pytest.raises(R2D2Error, match=r"config\.data\.augment\.strong\.policy="
                      r"'ctaugment', but method 'supervised' has no strong"):
     views_lib.view_specs({"labeled": ("weak",)}, augment_config, info,

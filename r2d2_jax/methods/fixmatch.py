@@ -60,6 +60,7 @@ from r2d2_jax import losses
 from r2d2_jax.data import ctaugment
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import alignment as alignment_lib
+from r2d2_jax.methods import learned_augment
 from r2d2_jax.methods.base import (Method, Network, Task, check_range,
                                    check_uratio, one_network_step, parse_block,
                                    pseudo_label_monitors, register)
@@ -165,15 +166,7 @@ def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
 # updates the weights (`ctaugment.update`, sequential over the batch).
 
 
-def parse_ctaugment(config) -> ctaugment.CTAugmentHparams | None:
-  """CTAugment's settings from `config.data.augment.strong`, or None."""
-  strong = config.data.get("augment", {}).get("strong", None) or {}
-  if strong.get("policy") != ctaugment.NAME:
-    return None
-  try:
-    return ctaugment.hparams_from(strong)
-  except (ValueError, TypeError) as e:
-    raise R2D2Error(f"config.data.augment.strong: {e}") from None
+parse_ctaugment = learned_augment.parse   # the shared method side of CTAugment
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,23 +193,13 @@ def ctaugment_of(hp) -> ctaugment.CTAugmentHparams | None:
 
 def init_augment(hp) -> PyTree:
   """`FixMatchState.augment`: {'ctaugment': bin weights} or {}."""
-  return {ctaugment.NAME: ctaugment.init_state()} if ctaugment_of(hp) else {}
+  return learned_augment.init(ctaugment_of(hp))
 
 
 def learn_augment(state: FixMatchState, lab: PyTree, net: Network, hp
                   ) -> tuple[PyTree, dict]:
   """CTAugment's update from the labeled probe (state: before the update)."""
-  cta = ctaugment_of(hp)
-  if cta is None:
-    return state.augment, {}
-  aux = lab["probe_aux"]
-  logits = net.apply_eval(state.variables(ema=True), lab["probe"])
-  probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32)))
-  prox = ctaugment.proximity(probs, lab["label"])
-  rates = ctaugment.update(state.augment[ctaugment.NAME]["rates"], aux.op,
-                           aux.values, prox, cta.decay)
-  return ({**state.augment, ctaugment.NAME: {"rates": rates}},
-          {"monitors/ctaugment_proximity": jnp.mean(prox)})
+  return learned_augment.learn(state, lab, net, ctaugment_of(hp))
 # --- end CTAugment ---------------------------------------------------------
 
 
@@ -280,7 +263,7 @@ class Rule(NamedTuple):
 
 
 def views(hp) -> dict[str, tuple[str, ...]]:
-  labeled = ("weak", "probe") if ctaugment_of(hp) else ("weak",)  # CTAugment
+  labeled = learned_augment.labeled_views(("weak",), ctaugment_of(hp))
   return {"labeled": labeled, "unlabeled": ("weak", "strong")}
 
 
@@ -358,9 +341,7 @@ def family_method(name: str, rule: Rule, hparams_fn: Callable[..., Any],
                 train_step=make_train_step(rule), **method_kwargs)
 
 
-def augment_state(state: FixMatchState) -> PyTree:
-  """What the strong views read: the learned augmentation state, or None."""
-  return state.augment if state.augment else None
+augment_state = learned_augment.augment_state
 
 
 FIXMATCH = Rule()

@@ -24,7 +24,13 @@ teacher's probabilities p = softmax(f(weak x_u)) are aligned first,
 p̃ = Normalize(p · (p_target + ε) / (p_model + ε)) (target 'model' reads the
 labeled batch's softmax), and both the targets softmax(log p̃ / τ) and the mask
 (max p̃, or max of the sharpened p̃) read p̃; the running estimates are
-`UdaState.alignment` (the state is a plain `TrainState` when alignment is off).
+`UdaState.alignment` (the state is a plain `TrainState` when neither alignment
+nor CTAugment is on).
+
+CTAugment (`config.data.augment.strong.policy = 'ctaugment'`, the uda method
+only; docs/algorithms.md, "CTAugment"): the strong view draws from bin weights
+kept in `UdaState.augment`, learned each step from a probe of the labeled batch
+classified by the eval network (`methods/learned_augment.py`).
 
 Config block (`config.uda`, parsed into `UdaHparams`): weight, ramp_steps,
 temperature, threshold, label_smoothing, mask_on, and (uda only) the
@@ -42,7 +48,9 @@ import jax.numpy as jnp
 from r2d2_jax import losses
 from r2d2_jax import meta
 from r2d2_jax.errors import R2D2Error
+from r2d2_jax.data import ctaugment
 from r2d2_jax.methods import alignment as alignment_lib
+from r2d2_jax.methods import learned_augment
 from r2d2_jax.methods.base import (Method, Network, Task, check_choice,
                                    check_range, one_network_step, parse_block,
                                    pseudo_label_monitors, register)
@@ -54,11 +62,12 @@ ALIGNMENT = "config.uda.alignment"
 
 
 class UdaState(TrainState):
-  """A `TrainState` with distribution alignment's running estimates.
+  """A `TrainState` with distribution alignment's estimates and CTAugment's weights.
 
-  Used only when alignment is on (otherwise the state is a `TrainState`).
+  Used only when one of them is on (otherwise the state is a `TrainState`).
   """
   alignment: PyTree = dataclasses.field(default_factory=dict)
+  augment: PyTree = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +83,8 @@ class UdaHparams:
     mask_on: 'unsharpened' (the UDA code) or 'sharpened' (the MPL code).
     alignment: distribution alignment of the teacher's probabilities (the
       uda method only; module docstring), off by default.
+    ctaugment: CTAugment's settings when the strong policy is 'ctaugment'
+      (the uda method only; from `config.data.augment.strong`), else None.
   """
   weight: float
   temperature: float
@@ -82,6 +93,7 @@ class UdaHparams:
   label_smoothing: float = 0.0
   mask_on: str = "unsharpened"
   alignment: alignment_lib.AlignmentHparams = alignment_lib.AlignmentHparams()
+  ctaugment: ctaugment.CTAugmentHparams | None = None
 
   def __post_init__(self):
     check_range("weight", self.weight, 0.0)
@@ -113,14 +125,20 @@ def parse_uda(config, *, with_alignment: bool = False) -> UdaHparams:
   if config.get("uda") is None:
     raise R2D2Error("config.uda is missing; it needs weight, temperature and "
                     "threshold (configs/common.py `uda_block`).")
+  if "ctaugment" in config.uda:
+    raise R2D2Error("config.uda.ctaugment: CTAugment is the strong view's "
+                    "policy; set config.data.augment.strong.policy="
+                    "'ctaugment'.")
   values = {k: v for k, v in config.uda.items() if k != "alignment"}
   block = config.uda.get("alignment")
   if block is not None and not with_alignment:
     raise R2D2Error(f"{ALIGNMENT}: distribution alignment is an option of the "
                     f"uda method only; {config.get('method')!r} does not "
                     "apply it.")
+  cta = learned_augment.parse(config) if with_alignment else None
   return parse_block(UdaHparams, values, "config.uda",
-                     alignment=alignment_lib.parse(block, ALIGNMENT))
+                     alignment=alignment_lib.parse(block, ALIGNMENT),
+                     ctaugment=cta)
 
 
 def hparams(config) -> UdaHparams:
@@ -130,13 +148,14 @@ def hparams(config) -> UdaHparams:
 
 def init_state(rng: jax.Array, *, net: Network, task: Task, hp: UdaHparams
                ) -> TrainState:
-  """The network; with alignment on, a `UdaState` with its estimates."""
+  """The network; with alignment or CTAugment on, a `UdaState`."""
   base = net.init_train_state(rng)
-  if not hp.alignment.enabled:
+  if not hp.alignment.enabled and hp.ctaugment is None:
     return base
   return UdaState(
       **{f: getattr(base, f) for f in base.__dataclass_fields__},
-      alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT))
+      alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT),
+      augment=learned_augment.init(hp.ctaugment))
 
 
 def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
@@ -187,8 +206,8 @@ def uda_loss(logits_l: jax.Array, labels: jax.Array, logits_weak: jax.Array,
 
 
 def views(hp) -> dict[str, tuple[str, ...]]:
-  del hp
-  return {"labeled": ("weak",), "unlabeled": ("weak", "strong")}
+  return {"labeled": learned_augment.labeled_views(("weak",), hp.ctaugment),
+          "unlabeled": ("weak", "strong")}
 
 
 def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
@@ -238,9 +257,15 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
   if hp.alignment.enabled:
     new = new.replace(
         alignment=jax.lax.stop_gradient(metrics.pop("alignment")))
+  if hp.ctaugment is not None:
+    augment, augment_metrics = learned_augment.learn(state, lab, net,
+                                                     hp.ctaugment)
+    new = new.replace(augment=augment)
+    metrics.update(augment_metrics)
   metrics["monitors/weight"] = weight
   return new, metrics
 
 
 METHOD = register(Method(name="uda", hparams=hparams, views=views,
-                         init_state=init_state, train_step=train_step))
+                         init_state=init_state, train_step=train_step,
+                         augment_state=learned_augment.augment_state))
