@@ -23,35 +23,13 @@ The supervised baseline on the same split: `--config.method=supervised`.
 Smoke variant: `--config configs/adamatch_mnist.py:runlocal`.
 """
 
-from configs import common
+from configs import fixmatch_mnist
 from r2d2_jax.methods import adamatch
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = fixmatch_mnist.get_config(arg)
   c.method = "adamatch"
-  c.model.name = "mlp_mnist"
-  common.mnist_data(c, num_labels=100)
-  c.data.batch_size = 32
-  c.data.uratio = 7
-  c.data.eval_batch_size = 1000
-  c.data.augment.strong.update(policy="fixmatch", num_ops=2, magnitude=10)
-  c.optimizer.update(name="sgd", lr=0.03, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4, decay_mask="kernels",
-                     grad_clip_norm=0.0)
-  c.optimizer.schedule.update(name="fixmatch_cosine", warmup_steps=0,
-                              wait_steps=0, decay_steps=0)
-  c.ema_decay = 0.995
-  c.total_steps = 6000
+  del c.fixmatch
   c.adamatch = adamatch.default_block()   # USB's settings (docstring)
-  c.log_every_steps = 200
-  c.eval_every_steps = 250    # 24 evaluations
-  c.checkpoint_every_steps = 1000
-  if arg == "runlocal":
-    c.total_steps = 6
-    c.log_every_steps = 2
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 3
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r}; use 'runlocal' or nothing.")
   return c

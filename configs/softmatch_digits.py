@@ -20,32 +20,13 @@ the labeled stream only). Smoke variant:
 `--config configs/softmatch_digits.py:runlocal`.
 """
 
-from configs import common
+from configs import fixmatch_digits
 from r2d2_jax.methods import softmatch
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = fixmatch_digits.get_config(arg)
   c.method = "softmatch"
-  common.digits_setup(c)
-  c.data.augment.strong.update(policy="fixmatch", num_ops=2, magnitude=4,
-                               cutout=4)
-  c.optimizer.update(name="sgd", lr=0.03, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4, decay_mask="kernels",
-                     grad_clip_norm=0.0)
-  c.optimizer.schedule.update(name="fixmatch_cosine", warmup_steps=0,
-                              wait_steps=0, decay_steps=0)
-  c.ema_decay = 0.99
-  c.total_steps = 2000
+  del c.fixmatch
   c.softmatch = softmatch.default_block()   # USB's settings (docstring)
-  c.log_every_steps = 100
-  c.eval_every_steps = 80     # 25 evaluations
-  c.checkpoint_every_steps = 1000
-  if arg == "runlocal":
-    c.total_steps = 6
-    c.log_every_steps = 2
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 3
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r}; use 'runlocal' or nothing.")
   return c

@@ -221,19 +221,15 @@ def test_bad_input_errors(tmp_path, edit, match):
 
 # config/classic_cv/adamatch/adamatch_cifar10_{40,250,4000}_0.yaml.
 USB_ADAMATCH = dict(
-    algorithm="adamatch", num_train_iter=1048576, num_eval_iter=5120,
-    num_log_iter=256, batch_size=64, eval_batch_size=256, hard_label=True,
-    T=0.5, p_cutoff=0.95, ulb_loss_ratio=1.0, ema_p=0.999, uratio=7,
-    ema_m=0.999, crop_ratio=0.875, img_size=32, optim="SGD", lr=0.03,
-    momentum=0.9, weight_decay=0.0005, layer_decay=1.0, amp=False, clip=0.0,
-    use_cat=True, net="wrn_28_2")
+    helpers.USB_CIFAR10, algorithm="adamatch", hard_label=True, T=0.5,
+    p_cutoff=0.95, ulb_loss_ratio=1.0, ema_p=0.999)
 
 
 @pytest.mark.parametrize("labels", [40, 250, 4000])
 def test_cifar10_config_matches_usb(labels):
   usb = USB_ADAMATCH
   c = adamatch_cifar10.get_config(str(labels))
-  tsm.check_usb_cifar10_setup(c, usb, labels)
+  helpers.check_usb_cifar10_setup(c, usb, labels)
   task = methods.Task(num_classes=10, num_train=50000,
                               total_steps=c.total_steps, steps_per_epoch=1)
   hp = adamatch.hparams(c, task=task)

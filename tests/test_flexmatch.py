@@ -47,7 +47,6 @@ from jax.sharding import PartitionSpec as P
 
 from configs import flexmatch_cifar10, flexmatch_digits, flexmatch_mnist
 from r2d2_jax import checkpoint as ckpt_lib
-from r2d2_jax import optim
 from r2d2_jax import sharding
 from r2d2_jax import train
 from r2d2_jax.errors import R2D2Error
@@ -314,43 +313,16 @@ def test_bad_input_errors(tmp_path, edit, match):
 @pytest.mark.parametrize("labels", [40, 250, 4000])
 def test_cifar10_config_matches_usb(labels):
   c = flexmatch_cifar10.get_config(str(labels))
-  assert c.method == "flexmatch"
-  # net: wrn_28_2; BatchNorm momentum 0.001 (torch) = decay 0.999.
-  assert c.model.name == "wrn28_2" and c.model.kwargs.bn_momentum == 0.999
-  assert c.model.kwargs.dropout_rate == 0.0
-  assert (c.data.dataset, c.data.num_labels) == ("cifar10", labels)
-  # include_lb_to_ulb: the unlabeled set is the whole train split.
-  assert c.data.unlabeled == "all" and c.data.num_val == 0
-  assert (c.data.batch_size, c.data.uratio) == (64, 7)
-  weak, strong = c.data.augment.weak, c.data.augment.strong
-  # RandomCrop(32, padding=int(32 · (1 − 0.875)) = 4, 'reflect'), flip.
-  assert (weak.flip, weak.translate, weak.pad_mode) == (True, 4, "reflect")
-  # RandAugment(3, 5) with its own random cutout, after crop + flip.
-  assert (strong.policy, strong.num_ops, strong.cutout) == ("usb", 3, 0)
-  o = c.optimizer
-  assert (o.name, o.lr, o.momentum, o.nesterov) == ("sgd", 0.03, 0.9, True)
-  # bn_wd_skip: no decay on BatchNorm and biases (ndim ≤ 1): kernels only.
-  assert (o.weight_decay, o.decay_mask, o.grad_clip_norm) == (5e-4,
-                                                               "kernels", 0)
-  assert o.get("weight_decay_mode", "coupled") == "coupled"   # torch SGD
-  assert (o.schedule.warmup_steps, o.schedule.wait_steps,
-          o.schedule.decay_steps) == (0, 0, 0)               # num_warmup_iter
-  assert c.total_steps == 1048576                            # num_train_iter
-  assert c.ema_decay == 0.999 and c.label_smoothing == 0.0   # ema_m
-  assert c.eval_every_steps == 5120                          # num_eval_iter
-  assert c.log_every_steps == 256                            # num_log_iter
+  # The setup the classic-CV yamls share (network, data, views, optimizer,
+  # schedule, EMA, length, evaluation).
+  helpers.check_usb_cifar10_setup(
+      c, dict(helpers.USB_CIFAR10, algorithm="flexmatch"), labels)
   hp = flexmatch.hparams(c)
   # p_cutoff, ulb_loss_ratio, hard_label, thresh_warmup; T unused (= 1).
   assert hp == flexmatch.FlexMatchHparams(threshold=0.95, weight=1.0,
                                           hard_labels=True, temperature=1.0,
                                           thresh_warmup=True)
   assert not hp.alignment.enabled
-  # get_cosine_schedule_with_warmup: lr · max(0, cos(π · 7/16 · k / K)).
-  _, schedule = optim.make_optimizer(o, c.total_steps)
-  for k in (0, 2 ** 18, 2 ** 19, 2 ** 20):
-    np.testing.assert_allclose(
-        float(schedule(k)),
-        0.03 * max(0.0, np.cos(np.pi * 7 / 16 * k / 2 ** 20)), rtol=1e-5)
 
 
 def test_cifar10_config_variants():

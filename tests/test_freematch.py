@@ -47,7 +47,6 @@ import pytest
 
 from configs import freematch_cifar10, freematch_digits, freematch_mnist
 from r2d2_jax import checkpoint as ckpt_lib
-from r2d2_jax import optim
 from r2d2_jax import sharding
 from r2d2_jax import train
 from r2d2_jax.errors import R2D2Error
@@ -318,25 +317,10 @@ def test_bad_input_errors(tmp_path, edit, match):
 @pytest.mark.parametrize("labels", [40, 250, 4000])
 def test_cifar10_config_matches_usb(labels):
   c = freematch_cifar10.get_config(str(labels))
-  assert c.method == "freematch"
-  assert c.model.name == "wrn28_2" and c.model.kwargs.bn_momentum == 0.999
-  assert c.model.kwargs.dropout_rate == 0.0
-  assert (c.data.dataset, c.data.num_labels) == ("cifar10", labels)
-  assert c.data.unlabeled == "all" and c.data.num_val == 0
-  assert (c.data.batch_size, c.data.uratio) == (64, 7)
-  weak, strong = c.data.augment.weak, c.data.augment.strong
-  assert (weak.flip, weak.translate, weak.pad_mode) == (True, 4, "reflect")
-  assert (strong.policy, strong.num_ops, strong.cutout) == ("usb", 3, 0)
-  o = c.optimizer
-  assert (o.name, o.lr, o.momentum, o.nesterov) == ("sgd", 0.03, 0.9, True)
-  assert (o.weight_decay, o.decay_mask, o.grad_clip_norm) == (5e-4,
-                                                               "kernels", 0)
-  assert o.get("weight_decay_mode", "coupled") == "coupled"
-  assert (o.schedule.warmup_steps, o.schedule.wait_steps,
-          o.schedule.decay_steps) == (0, 0, 0)
-  assert c.total_steps == 1048576
-  assert c.ema_decay == 0.999 and c.label_smoothing == 0.0
-  assert c.eval_every_steps == 5120 and c.log_every_steps == 256
+  # The setup the classic-CV yamls share (network, data, views, optimizer,
+  # schedule, EMA, length, evaluation).
+  helpers.check_usb_cifar10_setup(
+      c, dict(helpers.USB_CIFAR10, algorithm="freematch"), labels)
   hp = freematch.hparams(c)
   # hard_label, T, ema_p, ent_loss_ratio (0.001 for 40, 250 and 4000),
   # use_quantile; clip_thresh unset (False); ulb_loss_ratio 1.
@@ -344,11 +328,6 @@ def test_cifar10_config_matches_usb(labels):
       weight=1.0, hard_labels=True, temperature=0.5, ema_p=0.999,
       fairness_weight=0.001, use_quantile=False, clip_thresh=False)
   assert not hp.alignment.enabled
-  _, schedule = optim.make_optimizer(o, c.total_steps)
-  for k in (0, 2 ** 18, 2 ** 19, 2 ** 20):
-    np.testing.assert_allclose(
-        float(schedule(k)),
-        0.03 * max(0.0, np.cos(np.pi * 7 / 16 * k / 2 ** 20)), rtol=1e-5)
 
 
 def test_cifar10_config_variants():

@@ -42,7 +42,6 @@ import pytest
 from configs import softmatch_cifar10, softmatch_digits, softmatch_mnist
 from configs import fixmatch_digits, fixmatch_mnist
 from r2d2_jax import checkpoint as ckpt_lib
-from r2d2_jax import optim
 from r2d2_jax import sharding
 from r2d2_jax import train
 from r2d2_jax.errors import R2D2Error
@@ -303,63 +302,16 @@ def test_hparams_align_by_default():
 # config/classic_cv/softmatch/softmatch_cifar10_{40,250,4000}_0.yaml (the
 # entries that set the algorithm and its training; paths and logging left out).
 USB_SOFTMATCH = dict(
-    algorithm="softmatch", num_train_iter=1048576, num_eval_iter=5120,
-    num_log_iter=256, batch_size=64, eval_batch_size=256, hard_label=True,
-    T=0.5, dist_align=True, dist_uniform=True, per_class=False, ema_p=0.999,
-    ulb_loss_ratio=1.0, n_sigma=2, uratio=7, ema_m=0.999, crop_ratio=0.875,
-    img_size=32, optim="SGD", lr=0.03, momentum=0.9, weight_decay=0.0005,
-    layer_decay=1.0, amp=False, clip=0.0, use_cat=True, net="wrn_28_2")
-
-
-def check_usb_cifar10_setup(c, usb, labels):
-  """The setup USB's classic-CV CIFAR-10 yamls share (and build.py's optimizer)."""
-  assert c.method == usb["algorithm"]
-  assert usb["net"] == "wrn_28_2" and c.model.name == "wrn28_2"
-  # nn.BatchNorm2d(momentum=0.001): running stats keep 0.999 of the old.
-  assert c.model.kwargs.bn_momentum == 0.999
-  assert c.model.kwargs.dropout_rate == 0.0
-  assert (c.data.dataset, c.data.num_labels) == ("cifar10", labels)
-  assert c.data.unlabeled == "all" and c.data.num_val == 0  # include_lb_to_ulb
-  assert (c.data.batch_size, c.data.uratio) == (usb["batch_size"],
-                                                usb["uratio"])
-  assert c.data.eval_batch_size == usb["eval_batch_size"]
-  weak, strong = c.data.augment.weak, c.data.augment.strong
-  # RandomCrop(32, padding=int(32 · (1 − 0.875)) = 4, 'reflect'), flip.
-  assert weak.translate == int(usb["img_size"] * (1 - usb["crop_ratio"]))
-  assert (weak.flip, weak.pad_mode) == (True, "reflect")
-  # RandAugment(3, 5) with its own random cutout.
-  assert (strong.policy, strong.num_ops, strong.cutout) == ("usb", 3, 0)
-  o = c.optimizer
-  assert usb["optim"] == "SGD" and o.name == "sgd"
-  assert (o.lr, o.momentum, o.weight_decay) == (usb["lr"], usb["momentum"],
-                                                usb["weight_decay"])
-  assert o.nesterov is True                 # get_optimizer(nesterov=True)
-  assert usb["layer_decay"] == 1.0
-  # bn_wd_skip: no decay on ndim ≤ 1 (BatchNorm, biases): the kernels.
-  assert o.decay_mask == "kernels"
-  assert o.grad_clip_norm == usb["clip"]
-  assert o.schedule.name == "fixmatch_cosine"       # num_cycles 7/16
-  assert (o.schedule.warmup_steps, o.schedule.wait_steps,
-          o.schedule.decay_steps) == (0, 0, 0)      # num_warmup_iter 0
-  assert c.total_steps == usb["num_train_iter"] == 2 ** 20
-  assert c.ema_decay == usb["ema_m"] and c.label_smoothing == 0.0
-  assert c.eval_every_steps == usb["num_eval_iter"]
-  assert c.log_every_steps == usb["num_log_iter"]
-  assert not usb["amp"] and c.model.dtype == ""
-  assert usb["use_cat"]          # one forward: the family's step
-  # lr · max(0, cos(π · 7/16 · k / K)).
-  _, schedule = optim.make_optimizer(o, c.total_steps)
-  for k in (0, 2 ** 18, 2 ** 19, 2 ** 20):
-    np.testing.assert_allclose(
-        float(schedule(k)),
-        0.03 * max(0.0, np.cos(np.pi * 7 / 16 * k / 2 ** 20)), rtol=1e-5)
+    helpers.USB_CIFAR10, algorithm="softmatch", hard_label=True, T=0.5,
+    dist_align=True, dist_uniform=True, per_class=False, ema_p=0.999,
+    ulb_loss_ratio=1.0, n_sigma=2)
 
 
 @pytest.mark.parametrize("labels", [40, 250, 4000])
 def test_cifar10_config_matches_usb(labels):
   usb = USB_SOFTMATCH
   c = softmatch_cifar10.get_config(str(labels))
-  check_usb_cifar10_setup(c, usb, labels)
+  helpers.check_usb_cifar10_setup(c, usb, labels)
   hp = softmatch.hparams(c)
   assert hp == softmatch.SoftMatchHparams(
       weight=usb["ulb_loss_ratio"], hard_labels=usb["hard_label"],
