@@ -345,6 +345,8 @@ def test_rule_statistics_survive_a_checkpoint(x64, tmp_path):
     (lambda c: setattr(c.data, "uratio", 0),
      r"config\.data\.uratio=0: fixmatch trains on an unlabeled batch"),
     (lambda c: delattr(c, "fixmatch"), r"config\.fixmatch is missing"),
+    (lambda c: c.fixmatch.update(dict(ctaugment=dict(decay=0.9))),
+     r"config\.fixmatch\.ctaugment: CTAugment is the strong view's policy"),
 ])
 def test_bad_input_errors(tmp_path, edit, match):
   c = stage_config()

@@ -89,10 +89,7 @@ def default_block() -> ml_collections.ConfigDict:
   The alignment sub-block is left out: `hparams` turns the alignment to the
   labeled prediction on with momentum m.
   """
-  block = dataclasses.asdict(AdaMatchHparams())
-  for k in ("label_smoothing", "alignment", "temperature", "total_steps"):
-    del block[k]
-  return ml_collections.ConfigDict(block)
+  return fixmatch.block_of(AdaMatchHparams(), "temperature", "total_steps")
 
 
 def hparams(config, *, task) -> AdaMatchHparams:

@@ -49,7 +49,6 @@ Two options every member has, outside its rule:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -96,6 +95,8 @@ class FixMatchHparams:
     label_smoothing: of the labeled CE, in [0, 1) (FixMatch: 0).
     alignment: distribution alignment (the block's `alignment` sub-block;
       `methods/alignment.py`), off by default.
+    ctaugment: CTAugment's settings when the strong policy is 'ctaugment'
+      (from `config.data.augment.strong`, not from the block), else None.
   """
   threshold: float = 0.95
   weight: float = 1.0
@@ -103,6 +104,7 @@ class FixMatchHparams:
   temperature: float = 1.0
   label_smoothing: float = 0.0
   alignment: alignment_lib.AlignmentHparams = alignment_lib.AlignmentHparams()
+  ctaugment: ctaugment.CTAugmentHparams | None = None
 
   def __post_init__(self):
     check_range("threshold", self.threshold, 0.0, 1.0, lo_open=True)
@@ -120,12 +122,23 @@ class FixMatchHparams:
     return jnp.asarray(self.weight, float)
 
 
+# Fields of every member that a config block does not hold: the top-level
+# config.label_smoothing, the `alignment` sub-block (absent: off) and
+# CTAugment's settings (config.data.augment.strong).
+NOT_IN_BLOCK = ("label_smoothing", "alignment", "ctaugment")
+
+
+def block_of(hp, *also: str) -> ml_collections.ConfigDict:
+  """`hp`'s fields as a config block, less `NOT_IN_BLOCK` and `also`."""
+  block = dataclasses.asdict(hp)
+  for key in NOT_IN_BLOCK + also:
+    del block[key]
+  return ml_collections.ConfigDict(block)
+
+
 def default_block() -> ml_collections.ConfigDict:
   """FixMatch's settings (fixmatch.py flags): τ = 0.95, λu = 1, hard labels."""
-  block = dataclasses.asdict(FixMatchHparams())
-  del block["label_smoothing"]  # the top-level config.label_smoothing
-  del block["alignment"]        # off; a sub-block `alignment` turns it on
-  return ml_collections.ConfigDict(block)
+  return block_of(FixMatchHparams())
 
 
 def parse_alignment(config, block: str) -> alignment_lib.AlignmentHparams:
@@ -137,8 +150,8 @@ def parse_alignment(config, block: str) -> alignment_lib.AlignmentHparams:
 def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
   """`config.<block>` as `cls` (an error names a bad or unknown field).
 
-  With the strong policy 'ctaugment' the result is `with_ctaugment(cls)`,
-  whose `ctaugment` field holds CTAugment's settings.
+  With the strong policy 'ctaugment' its `ctaugment` field holds CTAugment's
+  settings (else None).
   """
   check_uratio(config, block)
   if config.get(block) is None:
@@ -147,13 +160,15 @@ def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
   if "label_smoothing" in config[block]:
     raise R2D2Error(f"config.{block}.label_smoothing: set the top-level "
                     "config.label_smoothing instead.")
+  if "ctaugment" in config[block]:
+    raise R2D2Error(f"config.{block}.ctaugment: CTAugment is the strong "
+                    "view's policy; set config.data.augment.strong.policy="
+                    "'ctaugment'.")
   values = {k: v for k, v in config[block].items() if k != "alignment"}
-  cta = parse_ctaugment(config)  # CTAugment (H3)
-  extra = {} if cta is None else {"ctaugment": cta}
-  return parse_block(cls if cta is None else with_ctaugment(cls), values,
-                     f"config.{block}",
+  return parse_block(cls, values, f"config.{block}",
                      label_smoothing=config.get("label_smoothing"),
-                     alignment=parse_alignment(config, block), **extra)
+                     alignment=parse_alignment(config, block),
+                     ctaugment=parse_ctaugment(config))
 
 
 # --- CTAugment (a learned strong augmentation; docs/algorithms.md,
@@ -169,26 +184,9 @@ def hparams(config, cls: type = FixMatchHparams, block: str = "fixmatch"):
 parse_ctaugment = learned_augment.parse   # the shared method side of CTAugment
 
 
-@functools.lru_cache(maxsize=None)
-def with_ctaugment(cls: type) -> type:
-  """`cls` with a field `ctaugment` (CTAugment's settings).
-
-  A subclass made when the policy is configured, so that the config blocks
-  (`default_block()`, `dataclasses.asdict` of the variants' classes) do not
-  carry the field; `dataclasses.replace` keeps it.
-  """
-  sub = dataclasses.make_dataclass(
-      f"{cls.__name__}WithCTAugment",
-      [("ctaugment", ctaugment.CTAugmentHparams, dataclasses.field(
-          default=ctaugment.CTAugmentHparams()))],
-      bases=(cls,), frozen=True)
-  sub.__module__ = cls.__module__
-  return sub
-
-
 def ctaugment_of(hp) -> ctaugment.CTAugmentHparams | None:
   """CTAugment's settings when the strong policy is 'ctaugment', else None."""
-  return getattr(hp, "ctaugment", None)
+  return hp.ctaugment
 
 
 def init_augment(hp) -> PyTree:

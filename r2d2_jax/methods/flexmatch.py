@@ -71,9 +71,7 @@ class FlexMatchHparams(fixmatch.FixMatchHparams):
 
 def default_block() -> ml_collections.ConfigDict:
   """USB's FlexMatch: τ = 0.95, λu = 1, hard labels, thresh_warmup."""
-  block = dataclasses.asdict(FlexMatchHparams())
-  del block["label_smoothing"], block["alignment"]
-  return ml_collections.ConfigDict(block)
+  return fixmatch.block_of(FlexMatchHparams())
 
 
 def hparams(config) -> FlexMatchHparams:

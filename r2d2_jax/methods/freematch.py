@@ -81,9 +81,7 @@ class FreeMatchHparams(fixmatch.FixMatchHparams):
 
 def default_block() -> ml_collections.ConfigDict:
   """USB's FreeMatch (CIFAR-10 configs): λ = 0.999, λe = 0.001, hard labels."""
-  block = dataclasses.asdict(FreeMatchHparams())
-  del block["label_smoothing"], block["alignment"], block["threshold"]
-  return ml_collections.ConfigDict(block)
+  return fixmatch.block_of(FreeMatchHparams(), "threshold")
 
 
 def hparams(config) -> FreeMatchHparams:

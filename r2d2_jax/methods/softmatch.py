@@ -83,10 +83,7 @@ def default_block() -> ml_collections.ConfigDict:
   The alignment sub-block is left out: `hparams` turns the uniform alignment
   on with momentum m.
   """
-  block = dataclasses.asdict(SoftMatchHparams())
-  for k in ("label_smoothing", "alignment", "threshold"):
-    del block[k]
-  return ml_collections.ConfigDict(block)
+  return fixmatch.block_of(SoftMatchHparams(), "threshold")
 
 
 def check_batch(config, block: str) -> None:
