@@ -46,6 +46,12 @@ class TrainState(struct.PyTreeNode):
                model_state=variables, opt_state=tx.init(params),
                ema_params=params, ema_model_state=variables, **kwargs)
 
+  @classmethod
+  def extending(cls, base: "TrainState", **fields) -> "TrainState":
+    """`cls` (a subclass) with `base`'s network fields and the extra `fields`."""
+    network = {f: getattr(base, f) for f in TrainState.__dataclass_fields__}
+    return cls(**network, **fields)
+
   def variables(self, ema: bool = False) -> dict[str, PyTree]:
     """The variables dict to pass to `model.apply`."""
     if ema:

@@ -271,12 +271,12 @@ def make_init_state(rule: Rule, block: str = "fixmatch"
   def init_state(rng: jax.Array, *, net: Network, task: Task, hp
                  ) -> FixMatchState:
     base = net.init_train_state(rng)
-    return FixMatchState(
-        **{f: getattr(base, f) for f in base.__dataclass_fields__},
-        stats=rule.init_stats(task, hp),
+    return FixMatchState.extending(
+        base, stats=rule.init_stats(task, hp),
         alignment=alignment_lib.init_stats(task, hp.alignment,
                                            f"config.{block}.alignment"),
         augment=init_augment(hp))
+
   return init_state
 
 

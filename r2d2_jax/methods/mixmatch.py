@@ -144,9 +144,8 @@ def init_state(rng: jax.Array, *, net: Network, task: Task,
   base = net.init_train_state(rng)
   if not hp.alignment.enabled:
     return base
-  return MixMatchState(
-      **{f: getattr(base, f) for f in base.__dataclass_fields__},
-      alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT))
+  return MixMatchState.extending(
+      base, alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT))
 
 
 def guess_labels(probs: jax.Array, temperature: float) -> jax.Array:

@@ -142,9 +142,8 @@ def te_init_state(rng: jax.Array, *, net: Network,
   """The network as usual; Z = 0 and n = 0 for every row."""
   base = net.init_train_state(rng)
   rows = table_lib.padded_rows(task.num_train, task.mesh)
-  return TemporalEnsemblingState(
-      **{f: getattr(base, f) for f in base.__dataclass_fields__},
-      ensemble=jnp.zeros((rows, task.num_classes), jnp.float32),
+  return TemporalEnsemblingState.extending(
+      base, ensemble=jnp.zeros((rows, task.num_classes), jnp.float32),
       visits=jnp.zeros((rows,), jnp.int32))
 
 

@@ -173,8 +173,8 @@ def init_state(rng: jax.Array, *, net: Network, task: Task) -> R2D2State:
   table = jnp.zeros((n_rows, task.num_classes), jnp.float32)
   labels = jnp.asarray(task.train_labels[labeled])
   table = table.at[jnp.asarray(labeled), labels].set(LABELED_LOGIT)
-  return R2D2State(**{f: getattr(base, f) for f in base.__dataclass_fields__},
-                   table=table, learnable=jnp.asarray(learn))
+  return R2D2State.extending(
+      base, table=table, learnable=jnp.asarray(learn))
 
 
 def state_sharding(abstract_state: R2D2State, mesh) -> Any:

@@ -152,9 +152,8 @@ def init_state(rng: jax.Array, *, net: Network, task: Task, hp: UdaHparams
   base = net.init_train_state(rng)
   if not hp.alignment.enabled and hp.ctaugment is None:
     return base
-  return UdaState(
-      **{f: getattr(base, f) for f in base.__dataclass_fields__},
-      alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT),
+  return UdaState.extending(
+      base, alignment=alignment_lib.init_stats(task, hp.alignment, ALIGNMENT),
       augment=learned_augment.init(hp.ctaugment))
 
 
