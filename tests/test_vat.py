@@ -36,6 +36,11 @@ named ran and failed, then the line was restored):
                     test_vat_step[two_iterations]
   the power iteration's gradient not stopped (a gradient through r_adv)
                  -> test_vat_step[*]
+  mlp.py: the noise added after the ReLU instead of before it; the noise
+  without its std factor; the top BatchNorm skipped; the classifier bias kept
+  with top_bn   -> test_mlp_noise_and_top_bn_by_hand[*]
+  vat_mnist: :pseudo_label's ramp_end_steps at 50 % of the steps
+                 -> test_mnist_baseline_variants_share_the_setting
 """
 
 import chex
@@ -436,6 +441,7 @@ def test_mnist_config_matches_the_reference():
   assert c.method == "vat" and c.model.name == "mlp_mnist"
   assert tuple(c.model.kwargs.widths) == (1200, 600, 300, 150)   # 784-…-10
   assert c.model.kwargs.bn_momentum == 0.99                     # layers.py
+  assert c.model.kwargs.noise_std == 0.5 and c.model.kwargs.top_bn  # issue #3
   d = c.data
   assert (d.dataset, d.num_labels, d.num_val, d.unlabeled) == (
       "mnist", 100, 1000, "all")
@@ -494,3 +500,74 @@ def test_config_variants(module):
   vat.hparams(small)
   with pytest.raises(ValueError, match="Unknown variant"):
     module.get_config("nope")
+
+
+def test_mnist_baseline_variants_share_the_setting():
+  """:supervised and :pseudo_label change the method and nothing else."""
+  base = vat_mnist.get_config().to_dict()
+  for variant, method in (("supervised", "supervised"),
+                          ("pseudo_label", "pseudo_label")):
+    c = vat_mnist.get_config(variant)
+    assert c.method == method
+    other = c.to_dict()
+    other.pop("pseudo_label", None)
+    assert {k: v for k, v in other.items() if k != "method"} == {
+        k: v for k, v in base.items() if k != "method"}
+  pl = vat_mnist.get_config("pseudo_label").pseudo_label
+  assert (pl.weight, pl.ramp_start_steps, pl.ramp_end_steps, pl.threshold) == (
+      3.0, 4800, 19200, 0.0)
+  methods.get_method("pseudo_label").hparams(vat_mnist.get_config("pseudo_label"))
+  small = vat_mnist.get_config("pseudo_label,runlocal")
+  assert small.total_steps <= 6 and small.method == "pseudo_label"
+
+
+@pytest.mark.parametrize("top_bn", [False, True])
+def test_mlp_noise_and_top_bn_by_hand(monkeypatch, top_bn):
+  """mlp_mnist's noise (after each hidden BatchNorm, before the ReLU, train
+  mode only) and its top BatchNorm, against a forward written here."""
+  from r2d2_jax.models import mlp   # pylint: disable=g-import-not-at-top
+  widths, std, eps = (5, 4), 0.5, 1e-5
+  model = mlp.MLP(num_classes=3, widths=widths, noise_std=std, top_bn=top_bn)
+  x = jax.random.normal(jax.random.key(0), (6, 2, 2, 1))
+  variables = model.init({"params": jax.random.key(1),
+                          "dropout": jax.random.key(2)}, x, train=False)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(
+      jax.random.key(3), p.shape), variables["params"])
+  variables = {**variables, "params": params}
+  draws = []
+
+  def fake_normal(key, shape, dtype=jnp.float32):
+    del key
+    z = np.random.default_rng(len(draws)).normal(size=shape)
+    draws.append(z)
+    return jnp.asarray(z, dtype)
+
+  monkeypatch.setattr(jax.random, "normal", fake_normal)
+  got, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.key(4)})
+
+  def bn(h, p):
+    m, v = h.mean(0), h.var(0)
+    return (h - m) / np.sqrt(v + eps) * np.asarray(p["scale"]) + np.asarray(
+        p["bias"])
+
+  h = np.asarray(x).reshape(6, -1)
+  for i in range(len(widths)):
+    h = h @ np.asarray(params[f"dense{i + 1}"]["kernel"])
+    h = np.maximum(bn(h, params[f"bn{i + 1}"]) + std * draws[i], 0.0)
+  want = h @ np.asarray(params["classifier"]["kernel"])
+  if top_bn:
+    assert "bias" not in params["classifier"]
+    want = bn(want, params["bn_top"])
+  else:
+    want = want + np.asarray(params["classifier"]["bias"])
+  assert len(draws) == len(widths)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+  # Eval mode draws nothing and equals the same network without noise.
+  n = len(draws)
+  quiet = mlp.MLP(num_classes=3, widths=widths, top_bn=top_bn)
+  np.testing.assert_array_equal(model.apply(variables, x, train=False),
+                                quiet.apply(variables, x, train=False))
+  assert len(draws) == n
+  with pytest.raises(ValueError, match="noise_std"):
+    mlp.MLP(num_classes=3, noise_std=-0.1)

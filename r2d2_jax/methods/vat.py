@@ -177,10 +177,14 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
                                      num_iters=hp.num_iters)
     vat = losses.kl_divergence(jax.lax.stop_gradient(logits_u),
                                forward(x_u + r_adv))
-    ent = losses.entropy(logits_u)
     xe = losses.cross_entropy(logits[0], lab["label"],
                               label_smoothing=hp.label_smoothing)
-    total = xe + weight * vat + hp.entmin_weight * ent
+    total = xe + weight * vat
+    if hp.entmin_weight > 0:
+      ent = losses.entropy(logits_u)
+      total = total + hp.entmin_weight * ent
+    else:  # logged only: no backward pass through the clean forward (β = 0)
+      ent = losses.entropy(jax.lax.stop_gradient(logits_u))
     aux = {"losses/xe": xe, "losses/xeu": vat, "losses/entmin": ent,
            "monitors/r_adv_norm": jnp.mean(jnp.sqrt(jnp.sum(
                jnp.reshape(r_adv, (r_adv.shape[0], -1)) ** 2, -1)))}
