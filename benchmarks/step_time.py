@@ -68,20 +68,9 @@ def add_method_blocks(c, method: str, mode: str = "") -> None:
       c.semimeta.mode = mode
 
 
-def measure(model: str, batch: int, steps: int, dtype: str = "",
-            method: str = "supervised", dataset: str | None = None) -> dict:
-  """Compile time and median step time of one method's train step.
-
-  Args:
-    model: registry name.
-    batch: images per step; methods with an unlabeled stream get a quarter
-      labeled and three quarters unlabeled (R2-D2's mixed batch).
-    steps: timed steps.
-    dtype: compute dtype ('' for float32).
-    method: registry name of the method, optionally ':mode' (e.g. 'mpl:exact').
-    dataset: whose image shape to use (default: the model's paper dataset).
-  """
-  dataset = dataset or PAPER[model][0]
+def _stage_config(model: str, batch: int, steps: int, dtype: str,
+                  method: str, dataset: str, uratio: int):
+  """The config of `measure`'s run and its fake training images."""
   c = common.base_config()
   c.model.name = model
   c.model.dtype = dtype
@@ -96,11 +85,51 @@ def measure(model: str, batch: int, steps: int, dtype: str = "",
     c.data.batch_size = batch
   else:
     add_method_blocks(c, method, mode)
-    c.data.batch_size = batch // 4
-    c.data.uratio = 3
+    c.data.batch_size = batch // (1 + uratio)
+    c.data.uratio = uratio
     c.data.unlabeled = "all"
     c.data.num_labels = max(10, n_train // 20 // 10 * 10)
-  arrays = fake_arrays(dataset, n_train)
+  return c, fake_arrays(dataset, n_train)
+
+
+def params_after(model: str, dataset: str, batch: int, steps: int):
+  """The parameters after `steps` supervised steps from the seed-0 start.
+
+  A pure function of the arguments and the backend's arithmetic: two XLA
+  settings that compute the same agree to round-off
+  (benchmarks/cpu_options.py compares them).
+  """
+  c, arrays = _stage_config(model, batch, steps, "", "supervised", dataset, 0)
+  with tempfile.TemporaryDirectory() as wd:
+    mesh = sharding.make_mesh()
+    pipe = pipeline_lib.InMemoryPipeline(c.data, 0, mesh, arrays=arrays)
+    stage = train.Stage(c, wd, mesh=mesh, pipeline=pipe)
+    state = stage.init_state()
+    for k in range(steps):
+      state, _ = stage.train_step(state, pipe.global_batch(k, stage.streams))
+    return jax.device_get(state.params)
+
+
+def measure(model: str, batch: int, steps: int, dtype: str = "",
+            method: str = "supervised", dataset: str | None = None,
+            uratio: int = 3) -> dict:
+  """Compile time and median step time of one method's train step.
+
+  Args:
+    model: registry name.
+    batch: images per step; methods with an unlabeled stream get
+      batch // (1 + uratio) labeled and uratio times as many unlabeled (by
+      default a quarter and three quarters: R2-D2's mixed batch).
+    steps: timed steps.
+    dtype: compute dtype ('' for float32).
+    method: registry name of the method, optionally ':mode' (e.g. 'mpl:exact').
+    dataset: whose image shape to use (default: the model's paper dataset).
+    uratio: unlabeled images per labeled one (methods with that stream).
+  """
+  dataset = dataset or PAPER[model][0]
+  c, arrays = _stage_config(model, batch, steps, dtype, method, dataset,
+                            uratio)
+  method = method.partition(":")[0]
   with tempfile.TemporaryDirectory() as wd:
     mesh = sharding.make_mesh()
     pipe = pipeline_lib.InMemoryPipeline(c.data, 0, mesh, arrays=arrays)
