@@ -10,8 +10,11 @@ themselves; elsewhere pass `--coordinator_address`, `--num_processes` and
 prints results.
 """
 
+import difflib
+import importlib.util
 import json
 import logging as pylogging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -105,7 +108,117 @@ def summary(results: dict) -> str:
   return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# Overrides checked before anything runs
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+  """The --config file and its --config.KEY overrides {dotted key: value}."""
+  path, overrides = None, {}
+  for i, arg in enumerate(argv[1:], start=1):
+    name = arg.lstrip("-").partition("=")[0] if arg.startswith("--") else ""
+    value = arg.partition("=")[2] if "=" in arg else (
+        argv[i + 1] if i + 1 < len(argv) else "")
+    if name == "config":
+      path = value or None
+    elif name.startswith("config."):
+      overrides[name[len("config."):]] = value
+  return path, overrides
+
+
+def _leaf_keys(d, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in d.items():
+    out.append(prefix + k)
+    if isinstance(v, dict):
+      out += _leaf_keys(v, f"{prefix}{k}.")
+  return out
+
+
+def override_error(config, key: str) -> str | None:
+  """Why `--config.KEY=...` cannot do what it says, or None if it can.
+
+  Two cases: the key is not in the config (the message lists the nearest valid
+  keys), or the config is staged and every stage that runs sets the key itself
+  in `config.stages.NAME`, so the top-level value is never read (the message
+  names those stage fields).
+  """
+  d = config.to_dict()
+  node, parts = d, key.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, dict) or part not in node:
+      valid = _leaf_keys(d)
+      near = difflib.get_close_matches(key, valid, n=5, cutoff=0.6)
+      here = ".".join(parts[:i])
+      siblings = (sorted(node) if isinstance(node, dict) else [])
+      return (f"--config.{key}: this config has no field {key!r}"
+              + (f" (config.{here} has {siblings})" if here and siblings
+                 else "")
+              + (". Nearest valid keys: " + ", ".join(f"--config.{k}"
+                                                      for k in near)
+                 if near else ". Its top-level fields are " + ", ".join(
+                     sorted(d)))
+              + ". Fix the key; no run was started.")
+    node = node[part]
+  stages = d.get("stages")
+  if not stages or parts[0] in ("stages", "stage_order", "run_stages"):
+    return None
+  order = list(d.get("stage_order") or stages)
+  chosen = [s.strip() for s in (d.get("run_stages") or "").split(",")
+            if s.strip()] or order
+  setters = []
+  for name in (s for s in order if s in chosen and s in stages):
+    node, hit = stages[name], None
+    for j, part in enumerate(parts):
+      if not isinstance(node, dict) or part not in node:
+        break
+      node = node[part]
+      if not isinstance(node, dict) or j == len(parts) - 1:
+        hit = "stages." + name + "." + ".".join(parts[:j + 1])
+        break
+    if hit is None:
+      return None        # this stage reads the top-level value
+    setters.append(hit)
+  shown = ", ".join(f"config.{s}" for s in setters[:6]) + (
+      ", ..." if len(setters) > 6 else "")
+  return (f"--config.{key}: no stage of this config reads it; every stage that "
+          f"runs sets its own ({shown}). Override the stage you mean, e.g. "
+          f"--config.{setters[0]}=..., or choose stages with "
+          "--config.run_stages. No run was started.")
+
+
+def _load_config(path: str):
+  file, _, arg = path.partition(":")
+  if not os.path.isfile(file):
+    return None
+  spec = importlib.util.spec_from_file_location("_override_check", file)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg or None) if arg else mod.get_config()
+
+
+def check_overrides(argv: list[str]) -> str | None:
+  """The first override error of this command line (`override_error`), if any."""
+  path, overrides = parse_overrides(argv)
+  if not path or not overrides:
+    return None
+  config = _load_config(path)
+  if config is None:
+    return None          # config_flags reports a missing file itself
+  if "run_stages" in overrides and "run_stages" in config:
+    config.run_stages = overrides["run_stages"]   # which stages run decides
+  for key in overrides:
+    error = override_error(config, key)
+    if error:
+      return error
+  return None
+
+
 def run():
+  error = check_overrides(sys.argv)
+  if error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)
 
 

@@ -1,4 +1,9 @@
-"""The command line end to end, in a subprocess, as a user runs it."""
+"""The command line end to end, in a subprocess, as a user runs it.
+
+Break checks (main.py's override check): the command line's run_stages not
+applied before the check, and a stage that reads the top-level value counted
+as setting it -> test_override_check_reads_the_stages_that_run.
+"""
 
 import os
 import subprocess
@@ -31,7 +36,7 @@ def test_cli_digits_quickstart_runlocal(tmp_path):
   r = _run(["--config", "configs/digits_quickstart.py:runlocal",
             "--workdir", wd, "--config.run_stages=supervised",
             "--config.stages.supervised.total_steps=6",
-            "--config.optimizer.lr=0.05"])
+            "--config.stages.supervised.optimizer.lr=0.05"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Final results" in r.stdout and "accuracy/test/raw" in r.stdout
   assert r.stdout.strip().splitlines()[-1].startswith("supervised ")
@@ -75,3 +80,50 @@ def test_cli_too_large_num_val_names_the_largest(tmp_path):
   assert "Traceback" not in r.stderr
   errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "data.num_val=1500" in errors[0]
+
+
+@pytest.mark.parametrize("override,message", [
+    # Staged: every stage sets its own method, so the top-level one is unread.
+    ("--config.method=nosuchmethod",
+     "--config.method: no stage of this config reads it; every stage that "
+     "runs sets its own (config.stages.supervised.method, "),
+    ("--config.nosuchkey=3", "this config has no field 'nosuchkey'"),
+    ("--config.optimizer.lrr=3", "Nearest valid keys: --config.optimizer.lr"),
+])
+def test_cli_override_that_does_nothing_is_an_error(tmp_path, override,
+                                                    message):
+  wd = tmp_path / "wd"
+  r = _run(["--config", "configs/digits_quickstart.py:runlocal", "--workdir",
+            str(wd), override])
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert message in r.stderr and "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "no run was started" in errors[0].lower()
+  assert not wd.exists()
+
+
+def test_override_check_reads_the_stages_that_run():
+  """`override_error` by hand: which stages run decides what is unread."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from r2d2_jax import main  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(
+      method="supervised", optimizer=dict(lr=0.1, name="sgd"),
+      stage_order=("a", "b"), run_stages="",
+      stages=dict(a=dict(method="x", optimizer=dict(lr=1.0)),
+                  b=dict(method="y"))))
+  assert main.override_error(c, "optimizer.lr") is None    # b reads it
+  assert main.override_error(c, "optimizer.name") is None  # nobody sets it
+  err = main.override_error(c, "method")
+  assert "config.stages.a.method, config.stages.b.method" in err
+  c.run_stages = "a"
+  assert "config.stages.a.optimizer.lr" in main.override_error(c,
+                                                               "optimizer.lr")
+  d = c.to_dict()
+  d["stages"]["a"]["optimizer"] = 5      # a stage replacing the whole block
+  assert "config.stages.a.optimizer)" in main.override_error(
+      ml_collections.ConfigDict(d), "optimizer.lr")
+  assert main.override_error(c, "stages.a.method") is None
+  assert "optimizer.lrr" in main.override_error(c, "optimizer.lrr")
+  path, overrides = main.parse_overrides(
+      ["m", "--config", "f.py:v", "--config.a.b=1", "--config.c", "2"])
+  assert path == "f.py:v" and overrides == {"a.b": "1", "c": "2"}
