@@ -122,15 +122,25 @@ def cell(values: list[float]) -> str:
   return f"{e.mean():.2f} ± {std:.2f} ({', '.join(f'{x:.2f}' for x in e)})"
 
 
-def table(per_stage: dict, labels: dict, figure: str) -> list[str]:
-  """The markdown table: one row per stage, raw and EMA, each FIGURES column."""
+def table(per_stage: dict, labels: dict, figure: str,
+          weights: tuple[str, ...] = WEIGHTS, first: str = "stage"
+          ) -> list[str]:
+  """The markdown table: one row per stage, each of `weights`, each FIGURES column.
+
+  Args:
+    per_stage: {row: {weights: {figure: [error per seed]}}}.
+    labels: {row: its label}.
+    figure: the headline figure (`headline`).
+    weights: the weights whose columns appear (default raw and EMA).
+    first: the first column's header.
+  """
   cols = [f"{w} {f}" + (" (headline)" if (w, f) == ("raw", figure) else "")
-          for w in WEIGHTS for f in FIGURES]
-  lines = ["| stage | " + " | ".join(cols) + " |",
+          for w in weights for f in FIGURES]
+  lines = [f"| {first} | " + " | ".join(cols) + " |",
            "| --- |" + " ---: |" * len(cols)]
   for stage, errs in per_stage.items():
     lines.append(f"| {labels[stage]} | " + " | ".join(
-        cell(errs[w][f]) for w in WEIGHTS for f in FIGURES) + " |")
+        cell(errs[w][f]) for w in weights for f in FIGURES) + " |")
   return lines
 
 

@@ -14,17 +14,22 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+
+if TYPE_CHECKING:
+  from clu import metric_writers
 
 from r2d2_jax.errors import NonFiniteError, R2D2Error
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  # clu (and through it TensorFlow) is imported when a writer is made, not
+  # with this module: the step-time benchmarks import the trainer without TF.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
 
@@ -73,6 +78,7 @@ class Progress:
 
   def __init__(self, total_steps: int, start_step: int,
                writer: metric_writers.MetricWriter, description: str = ""):
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     self._report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_secs=60)
     self._bar = None
