@@ -127,6 +127,17 @@ def summarise(runs: dict[str, list[dict]], workloads: list[str]) -> dict:
   return rows
 
 
+def save(path: str, runs: dict[str, list[dict]], torch_ms: list[float],
+         workloads: list[str]) -> None:
+  """The rounds so far, and their summary, as JSON (rewritten after each run)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"runs": {o: [{k: v for k, v in x.items() if k != "params"}
+                            for x in rs] for o, rs in runs.items()},
+               "summary": summarise(runs, workloads),
+               "torch_ms": torch_ms}, f, indent=1)
+
+
 def table(rows: dict, workloads: list[str]) -> list[str]:
   lines = ["| option | XLA flags | " + " | ".join(f"{w}: ms (× plain)"
                                                    for w in workloads)
@@ -195,10 +206,7 @@ def main():
           f"{w.split(',')[0]} {t:.0f} ms" for w, t in r["times_ms"].items())
       print(f"round {k + 1}/{args.rounds} {name:14s} {shown} "
             f"({r['wall_s']:.0f} s)", flush=True)
-      os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-      with open(args.json, "w") as f:
-        json.dump({o: [{k2: v for k2, v in x.items() if k2 != "params"}
-                       for x in rs] for o, rs in runs.items()}, f, indent=1)
+      save(args.json, runs, torch_ms, args.workloads)
   rows = summarise(runs, args.workloads)
   from benchmarks import report  # pylint: disable=g-import-not-at-top
   lines = ["## XLA:CPU options", "",
