@@ -19,12 +19,18 @@ from r2d2_jax.models import shake_shake
 
 EXPECTED_NAMES = (
     'cnn13', 'cnn_small', 'convlarge', 'lenet_2d', 'mlp_mnist', 'resnet18',
-    'resnet50', 'shake_shake', 'shake_shake26_2x96d', 'wide_resnet', 'wrn28_2', 'wrn28_8')
+    'resnet50', 'shake_shake', 'shake_shake26_2x96d', 'wide_resnet', 'wrn28_2', 'wrn28_8',
+    'vit', 'vit_digits', 'vit_digits_distilled', 'vit_mnist',
+    'vit_mnist_distilled', 'vit_cifar', 'vit_cifar_distilled', 'deit_tiny',
+    'deit_tiny_distilled', 'deit_small', 'deit_small_distilled')
+
+# ViTs (tests/test_vit.py checks them in detail): LayerNorm, no batch_stats.
+VIT_NAMES = {n for n in EXPECTED_NAMES if n.startswith(('vit', 'deit'))}
 
 # Aliases and generic constructors whose defaults equal a named model; the
 # shape checks below cover the latter.
 ALIASES = {'convlarge': 'cnn13', 'wide_resnet': 'wrn28_2',
-           'shake_shake': 'shake_shake26_2x96d'}
+           'shake_shake': 'shake_shake26_2x96d', 'vit': 'deit_tiny'}
 
 # (name, input shape) for the shape checks of every other registered model.
 SHAPE_CASES = [
@@ -40,17 +46,21 @@ SHAPE_CASES = [
     ('resnet18', (2, 64, 64, 3)),
     ('resnet50', (2, 32, 32, 3)),
     ('resnet50', (2, 64, 64, 3)),
+    ('vit_digits', (2, 8, 8, 1)),
+    ('vit_mnist_distilled', (2, 28, 28, 1)),
+    ('vit_cifar', (2, 32, 32, 3)),
 ]
 
 # Penultimate feature width per registry name (default kwargs).
 FEATURE_DIM = {
     'lenet_2d': 2, 'cnn_small': 128, 'mlp_mnist': 150, 'cnn13': 128, 'wrn28_2': 128,
     'wrn28_8': 512, 'shake_shake26_2x96d': 384, 'resnet18': 512,
-    'resnet50': 2048,
+    'resnet50': 2048, 'vit_digits': 64, 'vit_mnist_distilled': 128,
+    'vit_cifar': 192,
 }
 
 # Models with BatchNorm (so a `batch_stats` collection).
-BN_MODELS = set(EXPECTED_NAMES) - {'lenet_2d'}
+BN_MODELS = set(EXPECTED_NAMES) - {'lenet_2d'} - VIT_NAMES
 
 NUM_CLASSES = 10
 
@@ -187,9 +197,12 @@ FORWARD_CASES = [
      (2, 32, 32, 3), 64),
     ('resnet50_imagenet_stem', 'resnet50',
      dict(num_filters=4, stage_sizes=(1, 1, 1, 1)), (2, 64, 64, 3), 128),
+    ('vit_digits_8px', 'vit_digits', {}, (2, 8, 8, 1), 64),
+    ('vit_distilled_drop_path', 'vit_digits_distilled',
+     dict(drop_path_rate=0.5), (2, 8, 8, 1), 64),
 ]
 STOCHASTIC = {'cnn_small_8px', 'cnn_small_28px', 'cnn13', 'wrn10_1_dropout',
-              'shake_shake8_2x8d'}
+              'shake_shake8_2x8d', 'vit_distilled_drop_path'}
 CASES_BY_ID = {case[0]: case[1:] for case in FORWARD_CASES}
 
 

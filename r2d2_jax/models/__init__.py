@@ -20,6 +20,9 @@ Contract shared by every model returned by `get_model`:
   ``rng_names``: ``'dropout'`` for dropout (and ConvLarge's input noise),
   ``'shake'`` for Shake-Shake. Passing a name a model does not use is harmless;
   eval mode needs no rngs.
+* Distilled ViTs (``*_distilled``, ``vit`` with ``distilled=True``) return
+  the log of the mean of their two heads' softmaxes, and the pair of heads'
+  logits with ``heads=True`` (`r2d2_jax.models.vit`).
 
 Registry names:
 
@@ -33,6 +36,16 @@ Registry names:
 ``shake_shake26_2x96d``           Shake-Shake-26 2x96d
 ``shake_shake``                   Shake-Shake with ``width`` (and ``depth``) kwargs
 ``resnet18``, ``resnet50``        ResNet v1, ImageNet or CIFAR stem by input size
+``vit``                           ViT with ``patch_size`` / ``width`` / ``depth``
+                                  / ``num_heads`` / ``distilled`` kwargs
+                                  (defaults: DeiT-Ti)
+``vit_digits``                    ViT for 8x8: patch 2, width 64, depth 4, 4 heads
+``vit_mnist``                     ViT for 28x28: patch 4, 128, depth 6, 4 heads
+``vit_cifar``                     ViT for 32x32: patch 4, 192, depth 9, 3 heads
+``deit_tiny``                     DeiT-Ti, 224x224: patch 16, 192, 12, 3 heads
+``deit_small``                    DeiT-S, 224x224: patch 16, 384, 12, 6 heads
+``<vit name>_distilled``          the same with DeiT's distillation token and
+                                  head (all five sizes above)
 ================================  ===============================================
 """
 
@@ -49,6 +62,7 @@ from r2d2_jax.models.lenet import LeNet
 from r2d2_jax.models.mlp import MLP
 from r2d2_jax.models.resnet import ResNet, ResNet18, ResNet50
 from r2d2_jax.models.shake_shake import ShakeShake
+from r2d2_jax.models.vit import ViT
 from r2d2_jax.models.wide_resnet import WideResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -64,7 +78,23 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'shake_shake': ShakeShake,
     'resnet18': ResNet18,
     'resnet50': ResNet50,
+    'vit': ViT,
 }
+
+# ViT sizes: (patch_size, width, depth, num_heads); each also as `_distilled`.
+VIT_SIZES = {
+    'vit_digits': (2, 64, 4, 4),
+    'vit_mnist': (4, 128, 6, 4),
+    'vit_cifar': (4, 192, 9, 3),
+    'deit_tiny': (16, 192, 12, 3),
+    'deit_small': (16, 384, 12, 6),
+}
+for _name, (_p, _w, _d, _h) in VIT_SIZES.items():
+  for _suffix, _distilled in (('', False), ('_distilled', True)):
+    MODELS[_name + _suffix] = functools.partial(
+        ViT, patch_size=_p, width=_w, depth=_d, num_heads=_h,
+        distilled=_distilled)
+del _name, _p, _w, _d, _h, _suffix, _distilled
 
 
 # `config.model.dtype` values: the compute dtype ('' = float32). Parameters,
@@ -144,5 +174,6 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 __all__ = [
     'COMPUTE_DTYPES', 'MODELS', 'compute_dtype', 'get_model',
     'UnknownDtypeError', 'UnknownModelError', 'CNNSmall', 'ConvLarge',
-    'LeNet', 'ResNet', 'ResNet18', 'ResNet50', 'ShakeShake', 'WideResNet',
+    'LeNet', 'ResNet', 'ResNet18', 'ResNet50', 'ShakeShake', 'ViT',
+    'WideResNet',
 ]
