@@ -208,7 +208,7 @@ def plan_table(n_devices: int, num_rows: int = IMAGENET_ROWS,
   """
   c = importlib.import_module("configs.r2d2_imagenet10").get_config()
   c = train.stage_config(c, "d2")
-  size = int(c.data.get("image_size", 224))
+  size = int(c.data.get("image_size") or 224)
   model = models.get_model(c.model.name, num_classes)
   tx, schedule = optim.make_optimizer(c.optimizer, 1000)
   labeled = np.arange(0, num_rows, 10)

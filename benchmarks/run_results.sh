@@ -42,6 +42,23 @@ stream2() {
   done
   R --config configs/fixmatch_digits.py:cta --root "$ROOT/fixmatch_cta_digits" \
     --name fixmatch_cta_digits
+  # Noisy Student and DeiT-style distillation (teacher-student self-training).
+  R --config configs/noisy_student_digits.py --root "$ROOT/noisy_student_digits" \
+    --name noisy_student_digits \
+    --title 'Digits, 50 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_digits.py)'
+  for k in hard soft token; do
+    R --config "configs/distill_digits.py:$k" --root "$ROOT/distill_digits_$k" \
+      --name "distill_digits_$k" \
+      --title "Digits, 50 labels: DeiT-style distillation, kind $k (configs/distill_digits.py:$k)"
+  done
+  R --config configs/noisy_student_mnist.py --root "$ROOT/noisy_student_mnist" "${M[@]}" \
+    --name noisy_student_mnist \
+    --title 'MNIST, 100 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_mnist.py)'
+  for k in hard soft token; do
+    R --config "configs/distill_mnist.py:$k" --root "$ROOT/distill_mnist_$k" "${M[@]}" \
+      --name "distill_mnist_$k" \
+      --title "MNIST, 100 labels: DeiT-style distillation, kind $k (configs/distill_mnist.py:$k)"
+  done
 }
 
 stream1 > "$ROOT/stream1.log" 2>&1 &

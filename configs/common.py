@@ -21,9 +21,17 @@ def base_config() -> ml_collections.ConfigDict:
       # papers' configs, whose unlabeled pools are the papers'), and the
       # selected figures are n/a.
       num_val=0,
+      # The labeled examples listed in a file (one a line: train-split
+      # indices, or for folder: datasets names relative to train/), instead of
+      # drawing num_labels; validation rows are drawn from the rest.
+      labeled_split_file=ml_collections.FieldReference(None, field_type=str),
+      # Images are resized to (H, W) (an int S: S x S). tfds:/folder:/npz:
+      # datasets: None keeps their size (then all images must have one size).
+      # imagenet2012: the crop size, None = 224. Other registered datasets
+      # ignore it.
+      image_size=ml_collections.FieldReference(None, field_type=object),
       # Streamed datasets (imagenet2012) only:
       labeled_fraction=ml_collections.FieldReference(None, field_type=float),
-      image_size=224,
       shuffle_buffer=10_000,
       label_cache=ml_collections.FieldReference(None, field_type=str),
       split_seed=ml_collections.FieldReference(None, field_type=int),
@@ -54,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0      # 0: at the end only
   c.checkpoint_every_steps = 500
   c.checkpoint_keep = 2
+  # Also keep the state at the best validation accuracy (WORKDIR/best_checkpoint).
+  c.checkpoint_best = True
   c.checkpoint_async = True
   c.init_from = ml_collections.FieldReference(None, field_type=str)
   return c

@@ -12,15 +12,15 @@
 # Required environment:
 #   TPU_NAME   the TPU VM (pod slice) name, as in `gcloud compute tpus tpu-vm list`
 #   ZONE       its zone
-#   WORKDIR    a folder that every worker sees at the same path (an NFS or
-#              Filestore mount): all workers write their shards of each
-#              checkpoint there and read the split back. (gs:// paths are not
-#              supported yet: the workdir code uses local file APIs.)
+#   WORKDIR    where every worker writes: gs://BUCKET/PATH, or a folder every
+#              worker sees at the same path (an NFS or Filestore mount). All
+#              workers write their shards of each checkpoint there and read
+#              the split back.
 # Optional:
 #   PROJECT    gcloud project (default: gcloud's configured one)
 #   REMOTE_DIR where the code goes on the workers (default: r2d2_jax, in $HOME)
 #   INSTALL    1 (default): copy this checkout to the workers and pip install it
-#              with jax[tpu]; 0: only run (the workers already have the code)
+#              with its tfds and gcs extras and jax[tpu]; 0: only run (the workers already have the code)
 #
 # ImageNet configs read tensorflow-datasets' prepared data; point every worker
 # at the same copy, e.g. --config.data.data_dir=gs://BUCKET/tensorflow_datasets.
@@ -64,7 +64,7 @@ if [[ "${INSTALL:-1}" == "1" ]]; then
     tar -xzf r2d2_jax.tar.gz -C $(printf '%q' "$remote_dir")
     cd $(printf '%q' "$remote_dir")
     python3 -m pip install --quiet --upgrade pip
-    python3 -m pip install --quiet -e .
+    python3 -m pip install --quiet -e '.[tfds,gcs]'
     python3 -m pip install --quiet \"jax[tpu]==\$(python3 -c 'import jax; print(jax.__version__)')\""
 fi
 

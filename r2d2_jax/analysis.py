@@ -7,7 +7,6 @@ summaries (`final`, `median_last`, `at_best`) read a stage's
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 from typing import Any
@@ -47,7 +46,7 @@ def predict(config: ml_collections.ConfigDict, variables: dict[str, Any],
   Returns:
     (logits [N, classes], features [N, D]) as numpy arrays.
   """
-  info = sources.get_info(config.data.dataset)
+  info = sources.get_info(config.data.dataset, config.data)
   model = models.get_model(config.model.name, info.num_classes,
                            **dict(config.model.get("kwargs", {})))
 
@@ -65,16 +64,23 @@ def predict(config: ml_collections.ConfigDict, variables: dict[str, Any],
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Every scalar a run wrote to its TensorBoard event files.
 
+  Reads the files without TensorFlow (`metrics.read_events`), both the tensor
+  scalars `metrics.EventFileWriter` and `tf.summary` write and the older
+  `simple_value` ones; `workdir` may be any path `etils.epath` opens.
+
   Returns:
     {name: (steps, values)} sorted by step.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   series: dict[str, list[tuple[int, float]]] = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents*"))):
-    for event in tf.compat.v1.train.summary_iterator(path):
+  paths = sorted(epath.Path(workdir).glob(f"{metrics_lib.EVENTS_PREFIX}*"),
+                 key=str)
+  for path in paths:
+    for event in metrics_lib.read_events(path):
       for v in event.summary.value:
         if v.HasField("tensor"):
-          array = tf.make_ndarray(v.tensor)
+          array = tensor_util.make_ndarray(v.tensor)
           if array.ndim or not np.issubdtype(array.dtype, np.number):
             continue  # hparams and text, not scalars
           value = float(array)

@@ -7,11 +7,14 @@ a run killed while saving resumes from the previous checkpoint: orbax never
 lists a temporary folder as a step, and the next save of that step replaces
 it. `latest_step` also skips a step folder that lacks one of its items (what an
 interrupted deletion or a non-atomic filesystem could leave).
+
+On Cloud Storage (`gs://` folders) there is no rename: orbax writes the step
+folder in place and marks it complete with a `commit_success.txt`, and lists
+only marked steps; the arrays go through tensorstore's gcs driver.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -19,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from r2d2_jax import paths
 from r2d2_jax.errors import R2D2Error
 
 PyTree = Any
@@ -28,14 +32,15 @@ class Checkpointer:
   """Periodic and final saves of one run's state in `directory`.
 
   Args:
-    directory: where checkpoints live (created if missing).
+    directory: where checkpoints live (created if missing): a local folder
+      or a gs:// URL.
     max_to_keep: how many recent checkpoints to keep.
     async_save: write in a background thread while training continues.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
         enable_async_checkpointing=async_save)
@@ -105,24 +110,27 @@ def restore_raw(directory: str) -> tuple[PyTree, dict[str, Any]]:
   """Restores the latest checkpoint of another run as host arrays (for init_from).
 
   Args:
-    directory: a run's checkpoint folder (`WORKDIR/checkpoints`) or its workdir.
+    directory: a run's checkpoint folder (`WORKDIR/checkpoints`) or its workdir
+      (a local folder or a gs:// URL).
 
   Returns:
     (state as nested dicts of numpy arrays, meta).
   """
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
+  paths.check(directory, what="init_from")
+  if paths.path(directory).joinpath("checkpoints").is_dir():
+    directory = paths.join(directory, "checkpoints")
+  if not paths.path(directory).is_dir():
     raise R2D2Error(f"init_from={directory!r}: no such checkpoint folder.")
+  directory = paths.absolute(directory)
   # With the handlers named, `item_metadata` knows the arrays' shapes; without,
   # it is None and the restore below falls back to the saved shardings, which
   # on several processes span devices this process cannot read.
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=("state", "meta"),
+      directory, item_names=("state", "meta"),
       options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler()})
-  step = _latest_complete_step(manager, os.path.abspath(directory))
+  step = _latest_complete_step(manager, directory)
   if step is None:
     raise R2D2Error(f"init_from={directory!r} holds no checkpoint.")
   meta = manager.restore(step, args=ocp.args.Composite(

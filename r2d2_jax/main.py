@@ -24,7 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/NAME.py[:variant]).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints and summaries go; rerun to resume.")
+    "workdir", None, "Where checkpoints and summaries go; rerun to resume. A "
+    "local folder or gs://BUCKET/PATH (needs `pip install 'r2d2_jax[gcs]'`).")
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None,
     "Multi-host runs started by hand: HOST:PORT of process 0 (with "
@@ -40,11 +41,30 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops the INFO chatter of orbax and tensorflow_datasets; keeps warnings."""
+  """Drops library chatter that says nothing about the run; keeps the rest.
+
+  Dropped: the INFO lines of orbax and tensorflow_datasets; orbax's warnings
+  that a checkpoint opened read-only (the previous stage's, on purpose) is
+  read-only; and jax's INFO line for each accelerator backend it probed and
+  did not find (e.g. "Unable to initialize backend 'tpu'" on a CPU machine).
+  jax's warnings (e.g. "An NVIDIA GPU may be present on this machine, but a
+  CUDA-enabled jaxlib is not installed") and every error are kept, and the
+  backend jax chose is logged by `main`.
+  """
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or not any(
-        f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets"))
+    path = record.pathname.replace(os.sep, "/")
+    if record.levelno >= pylogging.ERROR:
+      return True
+    if (path.endswith("/orbax/checkpoint/checkpoint_manager.py") and
+        "read only" in record.getMessage().replace("_", " ")):
+      return False  # read_only=True, as asked
+    if record.levelno >= pylogging.WARNING:
+      return True
+    if path.endswith("/jax/_src/xla_bridge.py"):
+      return not record.getMessage().startswith("Unable to initialize backend")
+    return not any(f"/{lib}/" in path
+                   for lib in ("orbax", "tensorflow_datasets"))
 
 
 def main(argv):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import signal
 import threading
 import time
@@ -30,6 +29,7 @@ from r2d2_jax import losses
 from r2d2_jax import metrics as metrics_lib
 from r2d2_jax import models
 from r2d2_jax import optim
+from r2d2_jax import paths
 from r2d2_jax import sharding
 from r2d2_jax.data import interface
 from r2d2_jax.data import pipeline as pipeline_lib
@@ -333,7 +333,7 @@ class Stage:
     """`run()` under a `PreemptionWatch`."""
     config, total = self.config, self.total_steps
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"),
+        paths.join(self.workdir, "checkpoints"),
         max_to_keep=config.get("checkpoint_keep", 2),
         async_save=config.get("checkpoint_async", True))
     start = ckpt.latest_step()
@@ -358,6 +358,7 @@ class Stage:
     # The steps after `start` are redone: their old evaluations go.
     history = metrics_lib.EvalHistory(self.workdir)
     history.resume(start)
+    best = _BestCheckpoint(self.workdir, config, start, total)
     writer = metrics_lib.create_writer(self.workdir)
     if start == 0:
       writer.write_hparams(_flat_hparams(config))
@@ -369,7 +370,7 @@ class Stage:
 
     def note():
       last = ckpt.latest_step()
-      where = os.path.join(self.workdir, "checkpoints")
+      where = paths.join(self.workdir, "checkpoints")
       return (f"The last good checkpoint (step {last}) in {where} is kept."
               if last is not None else "No checkpoint had been saved yet.")
 
@@ -411,6 +412,7 @@ class Stage:
           flush()
           final = self.evaluate_all(state)
           history.append(step, final)
+          best.offer(step, state, final, stage_name)
           writer.write_scalars(step, final)
           progress.log_line(step, final)
         if step % ckpt_every == 0 or step == total:
@@ -425,7 +427,75 @@ class Stage:
       progress.close()
       writer.flush()
       ckpt.close()
+      best.close()
     return final
+
+
+BEST_CHECKPOINT = "best_checkpoint"
+BEST_METRIC = "accuracy/val/raw"
+
+
+class _BestCheckpoint:
+  """The state at the evaluation with the best validation accuracy.
+
+  `WORKDIR/best_checkpoint` holds one checkpoint: the state (raw and EMA
+  weights alike) at the evaluation with the highest `accuracy/val/raw`, the
+  headline's selection rule (ties: the later step; docs/algorithms.md,
+  "Evaluation protocol"). Only with a validation split and
+  `config.checkpoint_best` (default True). On resume the best so far is read
+  back from `eval_history.jsonl` (rows up to the restart step).
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict,
+               start: int, total_steps: int):
+    self.total_steps = total_steps
+    self.enabled = bool(config.get("checkpoint_best", True)) and bool(
+        config.data.get("num_val", 0))
+    self._ckpt = None
+    self.value = -float("inf")
+    if not self.enabled:
+      return
+    self._ckpt = ckpt_lib.Checkpointer(
+        paths.join(workdir, BEST_CHECKPOINT), max_to_keep=1,
+        async_save=config.get("checkpoint_async", True))
+    rows = metrics_lib.read_history(
+        paths.join(workdir, metrics_lib.EVAL_HISTORY))
+    for row in rows:
+      if row["step"] <= start and BEST_METRIC in row:
+        self.value = max(self.value, float(row[BEST_METRIC]))
+
+  def offer(self, step: int, state: PyTree, metrics: dict[str, float],
+            stage_name: str) -> None:
+    """Saves `state` if its validation accuracy is the best so far (or equal)."""
+    if not self.enabled or BEST_METRIC not in metrics:
+      return
+    value = float(metrics[BEST_METRIC])
+    if value < self.value:
+      return
+    self.value = value
+    latest = self._ckpt.latest_step()
+    if latest is not None and step <= latest:
+      # Saved before an interruption, at this step or later (the same state
+      # is recomputed on resume): keep it.
+      return
+    self._ckpt.save(step, state, {"step": step, "stage": stage_name,
+                                  "total_steps": self.total_steps,
+                                  BEST_METRIC: value, "time": time.time()})
+
+  def close(self) -> None:
+    if self._ckpt is not None:
+      self._ckpt.close()
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`WORKDIR/config.json`: the config of the last command (for inference)."""
+  if jax.process_index() == 0:
+    paths.write_text_atomic(paths.join(workdir, CONFIG_FILE),
+                            config.to_json_best_effort(indent=1,
+                                                       sort_keys=True))
+
+
+CONFIG_FILE = "config.json"
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -486,36 +556,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Args:
     config: the experiment config (see configs/).
-    workdir: where checkpoints, the split and summaries go. Re-running with the
-      same workdir resumes.
+    workdir: where checkpoints, the split and summaries go: a local folder
+      or a Cloud Storage URL (gs://BUCKET/PATH; needs gcsfs, the `gcs`
+      extra). Re-running with the same workdir resumes.
 
   Returns:
     The final evaluation metrics; for staged configs {stage: metrics}.
   """
-  if "://" in workdir:
-    raise R2D2Error(
-        f"--workdir={workdir!r}: a URL is not supported as a workdir yet. Use "
-        "a filesystem path that every process of the run sees (a local disk "
-        "for one host; NFS, Filestore or a gcsfuse mount of a bucket for a "
-        "pod or cluster). Datasets may still come from gs:// "
-        "(config.data.data_dir).")
-  os.makedirs(workdir, exist_ok=True)
+  # A local folder every process sees (one host's disk; NFS, Filestore or a
+  # gcsfuse mount on a pod) or a gs:// URL; any other URL is refused here.
+  workdir = paths.check(workdir)
+  paths.makedirs(workdir)
+  _write_config(config, workdir)
   if not config.get("stages"):
     return Stage(config, workdir).run(init_from=config.get("init_from"))
   results = {}
   previous = config.get("init_from")
   chosen = selected_stages(config)
   for name in config.stage_order:
-    stage_dir = os.path.join(workdir, name)
+    stage_dir = paths.join(workdir, name)
     if name in chosen:
       cfg = stage_config(config, name)
       if "label_cache" in cfg.data and not cfg.data.label_cache:
         # Streamed datasets scan their labels once for the whole pipeline.
-        cfg.data.label_cache = os.path.join(workdir, "train_labels.npz")
+        cfg.data.label_cache = paths.join(workdir, "train_labels.npz")
       start = _stage_init_from(config, name, previous, workdir)
       results[name] = Stage(cfg, stage_dir).run(init_from=start,
                                                 stage_name=name)
-    previous = os.path.join(stage_dir, "checkpoints")
+    previous = paths.join(stage_dir, "checkpoints")
   return results
 
 
@@ -537,4 +605,4 @@ def _stage_init_from(config: ml_collections.ConfigDict, name: str,
     raise R2D2Error(
         f"config.stages.{name}.init_from_stage is {which!r}; use 'none' or one "
         f"of the stages before {name!r}: {order[:order.index(name)]}.")
-  return os.path.join(workdir, which, "checkpoints")
+  return paths.join(workdir, which, "checkpoints")

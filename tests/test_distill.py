@@ -466,3 +466,27 @@ def test_two_stage_config_end_to_end(tmp_path):
                   jax.tree.leaves(teacher["ema_model_state"])):
     np.testing.assert_array_equal(a, b)
 
+
+
+def test_labeled_view_strong_feeds_both_networks_the_strong_images(x64):
+  """labeled_view='strong' (DeiT's RandAugment): teacher and student see
+  batch['labeled']['strong']; the weak images are not read."""
+  rng = np.random.default_rng(11)
+  cfg = distill_config(False, kind="hard", alpha=0.5,
+                       labeled_view="strong")
+  ctx = make_ctx(cfg, ur.Net(bn=True))
+  assert distill.views(ctx.hp) == {"labeled": ("strong",)}
+  teacher = teacher_variables(rng)
+  state = student_state(rng, ctx, False, teacher)
+  batch = make_batch(rng, unlabeled=False)
+  batch["labeled"]["strong"] = ur.x_of(rng, N_L, scale=3.0)
+  new, metrics = ur.run_step(distill.train_step, state, batch, ctx)
+  as_weak = {"labeled": dict(batch["labeled"],
+                             weak=batch["labeled"]["strong"])}
+  loss = lambda p: by_hand(p, state.model_state, teacher, as_weak,
+                           kind="hard", target="hard", tau=3.0, alpha=0.5,
+                           smoothing=0.1, reduction="numel")
+  (total, (ms, _, _)), grads = jax.value_and_grad(loss, has_aux=True)(
+      state.params)
+  ur.assert_network_update(new, ur._Old(state), grads, ms)
+  ur.assert_close(metrics["losses/total"], total)

@@ -1,8 +1,10 @@
 """The trainer: sharding parity, compilation, checkpoints, resume, stages, errors."""
 
+import os
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -160,3 +162,44 @@ def test_init_from_wrong_model_is_clear(tmp_path):
   c.init_from = str(tmp_path / "a")
   with pytest.raises(R2D2Error, match="do not match this model"):
     train.train_and_evaluate(c, str(tmp_path / "b"))
+
+
+def test_best_checkpoint_keeps_the_best_validation_state(tmp_path):
+  """STAGE/best_checkpoint: the state at the highest accuracy/val/raw (ties:
+  the later step); on resume the best so far comes from eval_history.jsonl."""
+  import json  # pylint: disable=g-import-not-at-top
+  from r2d2_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  cfg = helpers.tiny_config(checkpoint_async=False)
+  cfg.data.num_val = 10
+  wd = str(tmp_path)
+  best = train._BestCheckpoint(wd, cfg, start=0, total_steps=9)  # pylint: disable=protected-access
+  values = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.7, 5: 0.4}
+  for step, v in values.items():
+    best.offer(step, {"w": jnp.full((2,), float(step))},
+               {"accuracy/val/raw": v, "accuracy/val/ema": 1.0 - v}, "s")
+  best.close()
+  state, meta = ckpt_lib.restore_raw(os.path.join(wd, "best_checkpoint"))
+  assert meta["step"] == 4 and meta["accuracy/val/raw"] == 0.7
+  np.testing.assert_array_equal(state["w"], [4.0, 4.0])
+  # Resumed at step 3 with the history up to there: 0.7 (step 2) is the best
+  # so far, so step 4's 0.65 is not saved, and step 5's 0.8 is.
+  # (Step 4's old row, 0.9, is past the restart point: redone, not counted.)
+  with open(os.path.join(wd, "eval_history.jsonl"), "w") as f:
+    for step, v in ((1, 0.5), (2, 0.7), (3, 0.6), (4, 0.9)):
+      f.write(json.dumps({"step": step, "accuracy/val/raw": v}) + "\n")
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(wd, "best_checkpoint"))
+  best = train._BestCheckpoint(wd, cfg, start=3, total_steps=9)  # pylint: disable=protected-access
+  assert best.value == 0.7
+  best.offer(4, {"w": jnp.zeros(2)}, {"accuracy/val/raw": 0.65}, "s")
+  assert best._ckpt.latest_step() is None  # pylint: disable=protected-access
+  best.offer(5, {"w": jnp.ones(2)}, {"accuracy/val/raw": 0.8}, "s")
+  best.close()
+  _, meta = ckpt_lib.restore_raw(os.path.join(wd, "best_checkpoint"))
+  assert meta["step"] == 5
+  # No validation split: nothing is kept.
+  cfg.data.num_val = 0
+  off = train._BestCheckpoint(str(tmp_path / "off"), cfg, 0, 9)  # pylint: disable=protected-access
+  off.offer(1, {"w": jnp.zeros(2)}, {"accuracy/val/raw": 1.0}, "s")
+  off.close()
+  assert not os.path.exists(tmp_path / "off" / "best_checkpoint")

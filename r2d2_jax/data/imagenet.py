@@ -57,22 +57,27 @@ read; process 0 prepares it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from r2d2_jax import paths
 from r2d2_jax import sharding
 from r2d2_jax.data import interface
 from r2d2_jax.data import sources
+from r2d2_jax.data import tfds_extra
 from r2d2_jax.errors import R2D2Error
+
+# Without the tfds extra this module does not import: an R2D2Error says how
+# to install it.
+tf, tfds = tfds_extra.import_tfds("dataset 'imagenet2012'")
 
 try:  # tf.data must not take accelerator memory from JAX.
   tf.config.set_visible_devices([], "GPU")
@@ -306,10 +311,11 @@ def scan_labels(builder, num_train: int, offsets: np.ndarray,
 
 
 def _load_cache(path: str, shard_lengths: list[int]) -> np.ndarray | None:
-  if not os.path.exists(path):
+  data = paths.read_bytes(path)
+  if data is None:
     return None
   try:
-    with np.load(path) as f:
+    with np.load(io.BytesIO(data)) as f:
       labels, saved = f["labels"], f["shard_lengths"]
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("Ignoring unreadable label cache %s: %s", path, e)
@@ -323,11 +329,10 @@ def _load_cache(path: str, shard_lengths: list[int]) -> np.ndarray | None:
 
 def _save_cache(path: str, labels: np.ndarray,
                 shard_lengths: list[int]) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{jax.process_index()}.npz"
-  np.savez(tmp, labels=labels.astype(np.int32),
+  buffer = io.BytesIO()
+  np.savez(buffer, labels=labels.astype(np.int32),
            shard_lengths=np.asarray(shard_lengths, np.int64))
-  os.replace(tmp, path)
+  paths.write_bytes_atomic(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------
@@ -363,7 +368,7 @@ class StreamingPipeline:
 
     # Every train label, by row (cached).
     cache = config.get("label_cache") or (
-        os.path.join(workdir, LABEL_CACHE) if workdir else None)
+        paths.join(workdir, LABEL_CACHE) if workdir else None)
     self._train_labels = self._labels(cache)
 
     # The labeled / unlabeled / validation split.

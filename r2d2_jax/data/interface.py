@@ -67,7 +67,8 @@ def split_from_config(config: ml_collections.ConfigDict, labels: np.ndarray,
                       workdir: str | None) -> splits_lib.Split:
   """The labeled / unlabeled / validation split of `config` (the data block).
 
-  `num_labels` (per-class balanced) or `labeled_fraction`; `split_seed`
+  `num_labels` (per-class balanced), `labeled_fraction`, or
+  `labeled_split_file` (the labeled examples listed in a file); `split_seed`
   (default: the run's seed); `unlabeled` 'rest' | 'all'; `num_val` validation
   rows. Saved to (or checked against) `workdir/split.json`.
   """
@@ -76,7 +77,18 @@ def split_from_config(config: ml_collections.ConfigDict, labels: np.ndarray,
   unlabeled = config.get("unlabeled", "rest")
   num_val = int(config.get("num_val", 0) or 0)
   fraction = config.get("labeled_fraction")
-  if fraction:
+  split_file = config.get("labeled_split_file")
+  if split_file:
+    if fraction:
+      raise R2D2Error(
+          f"data.labeled_split_file={split_file!r} and data.labeled_fraction="
+          f"{fraction} both choose the labeled set; unset one of them.")
+    labeled = splits_lib.read_split_file(
+        split_file, labels, sources.train_row_names(config.dataset, config))
+    split = splits_lib.file_split(labels, num_classes, labeled, split_seed,
+                                  unlabeled, num_val)
+    meta = dict(labeled_split_file=os.path.abspath(split_file))
+  elif fraction:
     split = splits_lib.fraction_split(labels, num_classes, float(fraction),
                                       split_seed, unlabeled, num_val)
     meta = dict(labeled_fraction=float(fraction))

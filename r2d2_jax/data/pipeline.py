@@ -4,7 +4,8 @@ At step k the pipeline yields
   {'labeled':   {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B]},
    'unlabeled': {'image': uint8 [μB, ...],    'label': int32 [μB], 'index': int32 [μB]}}
 where `index` is the example's row in the train split (the row of a per-example
-table) and the unlabeled `label` is the true label, for diagnostics only. The
+table) and the unlabeled `label` is the true label, for diagnostics only (-1
+for a user dataset's images without one, `custom.UNKNOWN_LABEL`). The
 batch is a pure function of (seed, k); augmentation happens later, on device,
 from (seed, k, index) (see `r2d2_jax.data.augment`).
 """
@@ -42,12 +43,13 @@ class InMemoryPipeline:
   def __init__(self, config: ml_collections.ConfigDict, seed: int, mesh: Mesh,
                workdir: str | None = None,
                arrays: dict[str, sources.ArraySplit] | None = None):
-    self.info = sources.get_info(config.dataset)
+    self.info = sources.get_info(config.dataset, config)
     self.mesh = mesh
     self.config = config
     if arrays is None:
       arrays = sources.load_in_memory(config.dataset, config.get("data_dir"),
-                                      config.get("manual_dir"))
+                                      config.get("manual_dir"),
+                                      config.get("image_size"))
     self.train, self.test = arrays["train"], arrays["test"]
     # Quick experiments (a notebook's FAST mode) may use the first examples only.
     if config.get("train_limit"):
@@ -207,7 +209,7 @@ def make_pipeline(config: ml_collections.ConfigDict, seed: int, mesh: Mesh,
   i.e. ImageNet) an `imagenet.StreamingPipeline`; both are
   `interface.Pipeline`s.
   """
-  info = sources.get_info(config.dataset)
+  info = sources.get_info(config.dataset, config)
   if not info.in_memory:
     # Imported here: it pulls in tensorflow, which small datasets do not need.
     from r2d2_jax.data import imagenet  # pylint: disable=g-import-not-at-top

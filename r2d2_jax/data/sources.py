@@ -3,7 +3,8 @@
 Small datasets (`digits`, `mnist`, `cifar10`, `cifar100`, `svhn_cropped`) are read
 once into host memory as uint8 arrays and sampled by the stateless step-indexed
 sampler of `r2d2_jax.data.sampler`. `imagenet2012` is streamed by tf.data (see
-`r2d2_jax.data.imagenet`).
+`r2d2_jax.data.imagenet`). A user's own data (`tfds:NAME`, `folder:PATH`,
+`npz:PATH`) is held in memory too; `r2d2_jax.data.custom` reads it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import hashlib
 import os
 import struct
 import zlib
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from r2d2_jax.data import custom
+from r2d2_jax.data import tfds_extra
 from r2d2_jax.errors import R2D2Error, unknown_name
 
 
@@ -99,11 +102,40 @@ DATASETS: dict[str, DatasetInfo] = {
 _DIGITS_TEST = 360
 
 
-def get_info(name: str) -> DatasetInfo:
-  """Returns the `DatasetInfo` of a dataset, or an error listing valid names."""
+def get_info(name: str, config: Any = None) -> DatasetInfo:
+  """Returns the `DatasetInfo` of a dataset, or an error listing valid names.
+
+  Args:
+    name: a registered name, or a user dataset ('tfds:NAME', 'folder:PATH',
+      'npz:PATH'), whose info is read from its data (loaded once, cached).
+    config: the data block, for a user dataset's `image_size` and `data_dir`
+      (None: the defaults).
+  """
+  if custom.is_custom(name):
+    return _load_custom(name, config).info
   if name not in DATASETS:
-    raise unknown_name("dataset", name, DATASETS)
+    e = unknown_name("dataset", name, DATASETS)
+    raise R2D2Error(f"{e} Or use your own data: tfds:NAME (a "
+                    "tensorflow-datasets builder), folder:PATH or npz:PATH "
+                    "(docs: 'Bring your own data').")
   return DATASETS[name]
+
+
+def _load_custom(name: str, config: Any = None) -> custom.Loaded:
+  config = config or {}
+  return custom.load(name, config.get("data_dir"), config.get("image_size"))
+
+
+def train_row_names(name: str, config: Any = None
+                    ) -> tuple[str | None, ...] | None:
+  """Each train row's file name relative to `train/` (folder datasets only).
+
+  Unlabeled-folder rows are None; other datasets return None (their rows are
+  named by index only).
+  """
+  if custom.is_custom(name):
+    return _load_custom(name, config).train_names
+  return None
 
 
 def _load_digits() -> dict[str, ArraySplit]:
@@ -211,7 +243,7 @@ def _load_tfds(info: DatasetInfo, data_dir: str | None,
   if manual_dir:
     check_manual_dir(info, manual_dir)
     check_manual_files(info, manual_dir)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _, tfds = tfds_extra.import_tfds(f"dataset {info.name!r}")
   kwargs = {}
   if manual_dir:
     kwargs["download_and_prepare_kwargs"] = {
@@ -267,17 +299,25 @@ _LOADERS: dict[str, Callable[..., dict[str, ArraySplit]]] = {
 
 
 def load_in_memory(name: str, data_dir: str | None = None,
-                   manual_dir: str | None = None) -> dict[str, ArraySplit]:
+                   manual_dir: str | None = None,
+                   image_size: Any = None) -> dict[str, ArraySplit]:
   """Loads the train and test splits of a small dataset into host memory.
 
   Args:
-    name: a dataset name from `DATASETS` with `in_memory=True`.
+    name: a dataset name from `DATASETS` with `in_memory=True`, or a user
+      dataset ('tfds:NAME', 'folder:PATH', 'npz:PATH').
     data_dir: tensorflow-datasets data dir (None: its default).
     manual_dir: folder with the original files, for an offline build.
+    image_size: user datasets only: data.image_size, (H, W) or S to resize
+      to, None to keep the images' size.
 
   Returns:
-    {"train": ArraySplit, "test": ArraySplit}, validated.
+    {"train": ArraySplit, "test": ArraySplit}, validated. A user dataset's
+    unlabeled images are the train split's last rows, labeled
+    `custom.UNKNOWN_LABEL` (-1).
   """
+  if custom.is_custom(name):
+    return dict(custom.load(name, data_dir, image_size).splits)
   info = get_info(name)
   if not info.in_memory:
     raise R2D2Error(f"Dataset {name!r} is streamed, not held in memory.")

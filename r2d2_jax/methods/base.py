@@ -480,7 +480,8 @@ def pseudo_label_monitors(pseudo_labels: jax.Array, true_labels: jax.Array,
   Args:
     pseudo_labels: [B] int hard labels, or [B, C] probabilities / logits
       (their argmax).
-    true_labels: [B] the hidden true labels of the unlabeled batch.
+    true_labels: [B] the hidden true labels of the unlabeled batch (-1: none;
+      such rows do not count).
     mask: [B] weights in [0, 1] the loss gives each row (None: all 1).
 
   Returns:
@@ -489,15 +490,20 @@ def pseudo_label_monitors(pseudo_labels: jax.Array, true_labels: jax.Array,
   """
   if pseudo_labels.ndim == 2:
     pseudo_labels = jnp.argmax(pseudo_labels, -1)
+  # Rows without a hidden label (-1: a user dataset's unlabeled images,
+  # `r2d2_jax.data.custom.UNKNOWN_LABEL`) are left out of the accuracies.
+  known = (true_labels >= 0).astype(jnp.float32)
   correct = (pseudo_labels == true_labels).astype(jnp.float32)
-  out = {"monitors/pseudo_label_accuracy": jnp.mean(correct)}
+  accuracy = jnp.sum(correct * known) / jnp.maximum(jnp.sum(known), 1.0)
+  out = {"monitors/pseudo_label_accuracy": accuracy}
   if mask is None:
     out["monitors/mask"] = jnp.ones((), jnp.float32)
-    out["monitors/pseudo_label_accuracy_masked"] = jnp.mean(correct)
+    out["monitors/pseudo_label_accuracy_masked"] = accuracy
   else:
     mask = jax.lax.stop_gradient(mask).astype(jnp.float32)
     out["monitors/mask"] = jnp.mean(mask)
     out["monitors/pseudo_label_accuracy_masked"] = (
-        jnp.sum(mask * correct) / jnp.maximum(jnp.sum(mask), 1e-12))
+        jnp.sum(mask * known * correct) /
+        jnp.maximum(jnp.sum(mask * known), 1e-12))
   return out
 

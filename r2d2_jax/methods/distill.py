@@ -20,8 +20,9 @@ facebookresearch/deit `losses.py`, `DistillationLoss`):
 
 CE(y, ·) is over the labeled rows (label smoothing `config.label_smoothing`);
 the distillation term is averaged over every row the teacher sees: the labeled
-batch (the same weakly augmented images for teacher and student, as DeiT feeds
-the teacher the student's inputs) and, when `config.data.uratio` > 0, the
+batch (the same images for teacher and student, as DeiT feeds the teacher the
+student's inputs: the weak view, or with `labeled_view='strong'` the strong
+one, DeiT's RandAugment) and, when `config.data.uratio` > 0, the
 unlabeled batch (the teacher sees its weak view, the student its strong view).
 With uratio = 0 this is DeiT's loss. The student runs once, in train mode, over
 [labeled weak; unlabeled strong] (BatchNorm sees both).
@@ -53,7 +54,6 @@ teacher's, every row), and on unlabeled rows monitors/pseudo_label_accuracy
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -62,7 +62,7 @@ import ml_collections
 
 from r2d2_jax import checkpoint as ckpt_lib
 from r2d2_jax import losses
-from r2d2_jax import models
+from r2d2_jax import paths
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import supervised
 from r2d2_jax.methods import teacher as teacher_lib
@@ -99,6 +99,8 @@ class DistillBlock:
     teacher_from: a checkpoint folder to take the teacher from ('' = the
       checkpoint the stage starts from).
     teacher_weights: 'ema' or 'raw'.
+    labeled_view: the labeled images' view, 'weak' (default) or 'strong'
+      (DeiT: RandAugment on the images both networks see).
   """
   kind: str = "soft"
   tau: float = 3.0
@@ -109,9 +111,11 @@ class DistillBlock:
   teacher_kwargs: dict = dataclasses.field(default_factory=dict)
   teacher_from: str = ""
   teacher_weights: str = "ema"
+  labeled_view: str = "weak"
 
   def __post_init__(self):
     check_choice("kind", self.kind, KINDS)
+    check_choice("labeled_view", self.labeled_view, ("weak", "strong"))
     check_range("tau", self.tau, 0.0, lo_open=True)
     if self.alpha is None:
       object.__setattr__(self, "alpha", DEFAULT_ALPHA[self.kind])
@@ -162,31 +166,16 @@ def hparams(config: ml_collections.ConfigDict, task: Task) -> DistillHparams:
         "config.distill is missing; set at least config.distill.kind "
         f"(one of {KINDS}; see configs/distill_digits.py).")
   d = parse_block(DistillBlock, block, "config.distill")
-  if d.teacher_model:
-    name, kwargs = d.teacher_model, dict(d.teacher_kwargs)
-  else:
-    if d.teacher_kwargs:
-      raise R2D2Error("config.distill.teacher_kwargs is set but "
-                      "teacher_model is '' (the student's model): set "
-                      "config.distill.teacher_model too.")
-    name = config.model.name
-    kwargs = dict(config.model.get("kwargs", {}) or {})
-    if config.model.get("dtype"):
-      kwargs["dtype"] = config.model.dtype
-  try:
-    module = models.get_model(name, task.num_classes, **kwargs)
-  except (ValueError, TypeError) as e:
-    raise R2D2Error(f"config.distill.teacher_model={name!r} with "
-                    f"teacher_kwargs={kwargs}: {e}") from None
+  teacher = teacher_lib.build(config, task.num_classes, d, "config.distill")
   uratio = config.data.get("uratio", 0) or 0
   return DistillHparams(
       distill=d, label_smoothing=supervised.hparams(config).label_smoothing,
-      teacher=teacher_lib.Teacher(module, d.teacher_weights, name),
+      teacher=teacher,
       use_unlabeled=bool(uratio > 0))
 
 
 def views(hp: DistillHparams) -> dict[str, tuple[str, ...]]:
-  out = {"labeled": ("weak",)}
+  out = {"labeled": (hp.distill.labeled_view,)}
   if hp.use_unlabeled:
     out["unlabeled"] = ("weak", "strong")
   return out
@@ -254,7 +243,7 @@ def load_teacher(hooks: HookContext, state: DistillState, step: int):
   loaded = bool(jax.device_get(state.teacher_loaded))
   folder = hp.distill.teacher_from
   if not loaded and folder:
-    if not os.path.isdir(folder):
+    if not paths.path(folder).is_dir():
       raise R2D2Error(f"config.distill.teacher_from={folder!r}: no such "
                       "folder; give a teacher stage's workdir or its "
                       "checkpoints folder.")
@@ -315,7 +304,7 @@ def train_step(state: DistillState, batch, rng: jax.Array, *, net: Network,
 
   Args:
     state: student and frozen teacher.
-    batch: 'labeled' {'weak', 'label'}; with unlabeled data also
+    batch: 'labeled' {labeled_view ('weak'), 'label'}; with unlabeled data also
       'unlabeled' {'weak' (teacher), 'strong' (student), 'label' (hidden)}.
     rng: this step's key.
     net: the student.
@@ -327,7 +316,7 @@ def train_step(state: DistillState, batch, rng: jax.Array, *, net: Network,
   check_student(net, hp)
   d = hp.distill
   lab = batch["labeled"]
-  x_l, y = lab["weak"], lab["label"]
+  x_l, y = lab[d.labeled_view], lab["label"]
   n_l = x_l.shape[0]
   if hp.use_unlabeled:
     unl = batch["unlabeled"]

@@ -720,10 +720,15 @@ def finetune_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
       hp.label_smoothing)
 
 
+def finetune_views(hp: FinetuneHparams) -> dict[str, tuple[str, ...]]:
+  del hp
+  return {"labeled": ("weak",)}
+
+
 # The last stage: the student alone on the labeled data, started from the MPL
 # student (`previous['student']`) by `finetune_init_from`.
 FINETUNE = register(Method(name="mpl_finetune", hparams=finetune_hparams,
-                           views=supervised.views,
+                           views=finetune_views,
                            init_state=default_init_state,
                            train_step=finetune_step,
                            init_from=finetune_init_from))

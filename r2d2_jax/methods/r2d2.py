@@ -317,8 +317,11 @@ def table_stats(hooks: HookContext, state: R2D2State) -> dict[str, float]:
       logq = jax.nn.log_softmax(table)
       q = jnp.exp(logq)
       w = learnable / jnp.maximum(jnp.sum(learnable), 1.0)
+      # Rows without a hidden label (-1) are left out of the accuracy.
+      known = learnable * (labels >= 0)
       correct = (jnp.argmax(table, -1) == labels).astype(jnp.float32)
-      return {"pseudo_labels/accuracy": jnp.sum(w * correct),
+      return {"pseudo_labels/accuracy":
+                  jnp.sum(known * correct) / jnp.maximum(jnp.sum(known), 1.0),
               "pseudo_labels/entropy": jnp.sum(w * -jnp.sum(q * logq, -1)),
               "pseudo_labels/max_prob": jnp.sum(w * jnp.max(q, -1))}
     fn = jax.jit(stats, out_shardings=NamedSharding(mesh, P()))

@@ -356,8 +356,10 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, net: Network,
       "semimeta/label_change": jnp.mean(jnp.sum(jnp.abs(y_hat - y_tilde), -1)),
       "semimeta/inner_lr": jnp.asarray(alpha, jnp.float32),
       "pseudo_labels/accuracy": monitors["monitors/pseudo_label_accuracy"],
-      "pseudo_labels/accuracy_before": losses.accuracy(y_tilde, unl["label"]),
-      "accuracy/train_unlabeled": losses.accuracy(logits_u, unl["label"]),
+      "pseudo_labels/accuracy_before": losses.accuracy(
+          y_tilde, unl["label"], unl["label"] >= 0),
+      "accuracy/train_unlabeled": losses.accuracy(
+          logits_u, unl["label"], unl["label"] >= 0),
       "monitors/consistency_weight": weight,
   })
   return new_state, metrics

@@ -13,6 +13,9 @@ teacher's own module, which may differ from the student's.
   state's student), checked against the module's own variables: another
   architecture or another number of classes is an `R2D2Error` that says what to
   change.
+* `build(config, num_classes, block, where)`: the `Teacher` of a method's
+  block (`teacher_model`, `teacher_kwargs`, `teacher_weights`; '' = the
+  stage's `config.model`).
 * `logits(teacher, variables, x)`: the teacher in eval mode (BatchNorm running
   statistics, no dropout), under `stop_gradient`; for a distilled ViT teacher
   its averaged prediction.
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from r2d2_jax import models
 from r2d2_jax.errors import R2D2Error
 
 PyTree = Any
@@ -62,6 +66,45 @@ class Teacher:
     names = getattr(self.model, "rng_names", ("dropout",))
     rngs = {"params": rng, **{n: rng for n in names}}
     return dict(self.model.init(rngs, x, train=False))
+
+
+def build(config, num_classes: int, block: Any, where: str) -> Teacher:
+  """The teacher a method's block names, with its module built.
+
+  Args:
+    config: the stage's config (its `model` is the default architecture).
+    num_classes: classes of the stage's data.
+    block: the parsed block with `teacher_model`, `teacher_kwargs` and
+      `teacher_weights`.
+    where: the block's path in errors, e.g. 'config.distill'.
+
+  Raises:
+    R2D2Error: kwargs without a model, or a model that cannot be built.
+  """
+  if block.teacher_model:
+    name, kwargs = block.teacher_model, dict(block.teacher_kwargs)
+  else:
+    if block.teacher_kwargs:
+      raise R2D2Error(f"{where}.teacher_kwargs is set but teacher_model is "
+                      f"'' (the student's model): set {where}.teacher_model "
+                      "too.")
+    name = config.model.name
+    kwargs = dict(config.model.get("kwargs", {}) or {})
+    if config.model.get("dtype"):
+      kwargs["dtype"] = config.model.dtype
+  try:
+    module = models.get_model(name, num_classes, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise R2D2Error(f"{where}.teacher_model={name!r} with "
+                    f"teacher_kwargs={kwargs}: {e}") from None
+  return Teacher(module, block.teacher_weights, name)
+
+
+def num_params(variables: PyTree) -> int:
+  """Parameters in `variables['params']` (or a params tree)."""
+  params = variables.get("params", variables) if isinstance(
+      variables, Mapping) else variables
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
 
 def logits(teacher: Teacher, variables: PyTree, x: jax.Array) -> jax.Array:

@@ -13,11 +13,13 @@ Contract shared by every model returned by `get_model`:
 * Attributes: ``num_classes``; ``dtype`` (compute dtype, default float32, e.g.
   bfloat16 for mixed precision; parameters are always float32; the trainer
   takes it from ``config.model.dtype``, validated by `compute_dtype`); dropout
-  rates where the papers use dropout.
+  rates where the papers use dropout; ``drop_path_rate`` (stochastic depth of
+  the last residual block, linear over the blocks) for the ResNets, Wide
+  ResNets and ViTs.
 * BatchNorm uses ``use_running_average=not train`` and the ``batch_stats``
   collection: in training pass ``mutable=['batch_stats']``.
 * Randomness in training comes from the rng names listed in the class attribute
-  ``rng_names``: ``'dropout'`` for dropout (and ConvLarge's input noise),
+  ``rng_names``: ``'dropout'`` for dropout and stochastic depth (and ConvLarge's input noise),
   ``'shake'`` for Shake-Shake. Passing a name a model does not use is harmless;
   eval mode needs no rngs.
 * Distilled ViTs (``*_distilled``, ``vit`` with ``distilled=True``) return

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r2d2_jax.errors import R2D2Error
+from r2d2_jax.models.resnet import DropPath  # stochastic depth, shared
 
 trunc_init = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -70,20 +71,6 @@ def average_heads(z_cls: jax.Array, z_dist: jax.Array) -> jax.Array:
   """log((softmax(z_cls) + softmax(z_dist)) / 2), computed stably."""
   both = jnp.stack([jax.nn.log_softmax(z_cls), jax.nn.log_softmax(z_dist)])
   return jax.nn.logsumexp(both, axis=0) - jnp.log(2.0).astype(z_cls.dtype)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch of a row (timm)."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 class EncoderBlock(nn.Module):

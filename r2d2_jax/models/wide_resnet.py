@@ -9,12 +9,21 @@ WRN-28-2 has ~1.47M parameters for 10 classes.
 uses 0.999; the Meta Pseudo Labels TF reference uses `batch_norm_decay` 0.99
 (`flag_utils.py` default, not overridden by its README commands), which
 configs/common.py's `cifar10_4k_mpl_setup` sets.
+
+`drop_path_rate` (default 0 = off) adds stochastic depth as in
+`r2d2_jax.models.resnet`: block l of the L = 3 n blocks drops its residual
+branch per example with rate ``drop_path_rate * l / L`` in training, kept
+branches scaled by 1 / (1 - rate); the shortcut is always kept.
 """
 
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from r2d2_jax.models.resnet import DropPath
+from r2d2_jax.models.resnet import check_drop_path_rate
+from r2d2_jax.models.resnet import linear_drop_rates
 
 # std = sqrt(2 / (k * k * out_channels)), as in the reference implementations.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -28,11 +37,16 @@ class WRNBlock(nn.Module):
     strides: Stride of the first convolution (and of the projection shortcut).
     activate_before_residual: If True the shortcut also sees the pre-activated
       input (used for the very first block, right after the stem).
+    bn_momentum: BatchNorm running-average momentum.
+    drop_path_rate: Stochastic depth: per-example drop rate of the residual
+      branch in training (0 = off).
+    dtype: Compute dtype; parameters are kept in float32.
   """
   filters: int
   strides: int = 1
   activate_before_residual: bool = False
   bn_momentum: float = 0.999
+  drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -54,6 +68,8 @@ class WRNBlock(nn.Module):
     y = conv(self.filters, 3, 1, 'conv2')(y)
     if shortcut.shape[-1] != self.filters or self.strides != 1:
       shortcut = conv(self.filters, 1, self.strides, 'shortcut')(shortcut)
+    if self.drop_path_rate:
+      y = DropPath(self.drop_path_rate, name='drop_path')(y, train=train)
     return shortcut + y
 
 
@@ -66,6 +82,9 @@ class WideResNet(nn.Module):
     width: Widening factor k (channels 16k, 32k, 64k).
     dropout_rate: Dropout before the classifier (MPL's "dense dropout" 0.2).
     bn_momentum: BatchNorm running-average momentum (0.999 = TF decay).
+    drop_path_rate: Stochastic depth: drop rate of the last residual block,
+      in [0, 1); block l of L drops with ``drop_path_rate * l / L``. 0
+      (default) = off; Noisy Student uses 0.2 (survival 0.8).
     dtype: Compute dtype; parameters are kept in float32.
   """
   num_classes: int
@@ -73,9 +92,14 @@ class WideResNet(nn.Module):
   width: int = 2
   dropout_rate: float = 0.0
   bn_momentum: float = 0.999
+  drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
 
   rng_names: ClassVar[tuple[str, ...]] = ('dropout',)
+
+  def __post_init__(self):
+    check_drop_path_rate('WideResNet', self.drop_path_rate)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool,
@@ -84,7 +108,7 @@ class WideResNet(nn.Module):
 
     Args:
       x: Float32 NHWC images, already normalised.
-      train: Training mode (batch statistics, dropout).
+      train: Training mode (batch statistics, dropout, stochastic depth).
       return_features: Also return the pooled penultimate features.
 
     Returns:
@@ -97,13 +121,15 @@ class WideResNet(nn.Module):
     x = nn.Conv(16, (3, 3), padding='SAME', use_bias=False,
                 kernel_init=conv_init, dtype=self.dtype,
                 param_dtype=jnp.float32, name='stem')(x)
+    rates = iter(linear_drop_rates(self.drop_path_rate, 3 * blocks_per_stage))
     for stage, mult in enumerate((1, 2, 4)):
       for i in range(blocks_per_stage):
         x = WRNBlock(
             filters=16 * mult * self.width,
             strides=2 if (stage > 0 and i == 0) else 1,
             activate_before_residual=(stage == 0 and i == 0),
-            bn_momentum=self.bn_momentum, dtype=self.dtype,
+            bn_momentum=self.bn_momentum, drop_path_rate=next(rates),
+            dtype=self.dtype,
             name=f'stage{stage + 1}_block{i + 1}')(x, train=train)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=1e-3, dtype=self.dtype, param_dtype=jnp.float32,
