@@ -127,3 +127,37 @@ def test_override_check_reads_the_stages_that_run():
   path, overrides = main.parse_overrides(
       ["m", "--config", "f.py:v", "--config.a.b=1", "--config.c", "2"])
   assert path == "f.py:v" and overrides == {"a.b": "1", "c": "2"}
+
+
+def test_cli_digits_compare_runlocal(tmp_path):
+  """The README's every-method command, at smoke scale, two of its stages."""
+  r = _run(["--config", "configs/digits_compare.py:runlocal",
+            "--workdir", str(tmp_path / "wd"),
+            "--config.run_stages=supervised,fixmatch"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  last = r.stdout.strip().splitlines()[-2:]
+  assert [line.split()[0] for line in last] == ["supervised", "fixmatch"]
+
+
+def test_cli_folder_dataset(tmp_path):
+  """The README's bring-your-own-data command on a generated folder."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 6), ("test", 2)):
+    for c in ("ant", "bee"):
+      folder = tmp_path / "my_images" / split / c
+      folder.mkdir(parents=True)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), np.uint8)).save(
+            folder / f"{i}.png")
+  wd = str(tmp_path / "wd")
+  r = _run(["--config", "configs/fixmatch_digits.py:runlocal",
+            "--workdir", wd,
+            f"--config.data.dataset=folder:{tmp_path / 'my_images'}",
+            "--config.data.image_size=8", "--config.data.num_labels=4",
+            "--config.data.num_val=2", "--config.data.batch_size=4",
+            "--config.data.eval_batch_size=8"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "accuracy/test/raw" in r.stdout
+  assert os.path.isfile(os.path.join(wd, "config.json"))

@@ -216,8 +216,9 @@ def test_eval_reports_top1_top5_xe_on_test_and_val(tmp_path):
 
 def test_no_top5_with_five_classes(tmp_path, monkeypatch):
   get_info = sources.get_info
-  monkeypatch.setattr(sources, "get_info", lambda name: dataclasses.replace(
-      get_info(name), num_classes=5))
+  monkeypatch.setattr(sources, "get_info",
+                      lambda name, config=None: dataclasses.replace(
+                          get_info(name, config), num_classes=5))
   c = helpers.tiny_config(**{"data.num_val": 20, "data.num_labels": 10})
   mesh = sharding.make_mesh(jax.devices()[:2])
   p = pipeline_lib.InMemoryPipeline(

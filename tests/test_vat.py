@@ -388,10 +388,13 @@ def test_four_devices_equal_one_without_recompiling(tmp_path, monkeypatch):
     assert stage.train_step._cache_size() == 1  # pylint: disable=protected-access
     results.append((jax.device_get(state), jax.device_get(ms)))
   (s4, m4), (s1, m1) = results
-  # Float32 sums in another order (the MPL / UDA tests' tolerance).
-  chex.assert_trees_all_close(s4, s1, rtol=1e-4, atol=1e-5)
+  # Float32 sums in another order. The power iteration's gradient at
+  # r = ξd with ξ = 1e-6 amplifies that round-off in the adversarial direction
+  # (seen: 5e-4 relative on a momentum leaf, depending on the CPU's vector
+  # units), so the tolerance is wider than the MPL / UDA tests' 1e-4.
+  chex.assert_trees_all_close(s4, s1, rtol=2e-3, atol=5e-5)
   for a, b in zip(m4, m1):
-    chex.assert_trees_all_close(a, b, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(a, b, rtol=2e-3, atol=5e-5)
   assert {"losses/xe", "losses/xeu", "losses/entmin", "losses/total",
           "monitors/pseudo_label_accuracy", "monitors/r_adv_norm",
           "accuracy/train", "l2_updates"} <= set(m4[-1])
