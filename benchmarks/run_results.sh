@@ -46,6 +46,9 @@ stream2() {
   R --config configs/noisy_student_digits.py --root "$ROOT/noisy_student_digits" \
     --name noisy_student_digits \
     --title 'Digits, 50 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_digits.py)'
+  python -m benchmarks.noisy_student_rounds --root "$ROOT/noisy_student_digits" \
+    --seeds 0 1 2 --name noisy_student_digits --write \
+    --title 'Digits, 50 labels: Noisy Student, pseudo-labels per round (configs/noisy_student_digits.py)'
   for k in hard soft token; do
     R --config "configs/distill_digits.py:$k" --root "$ROOT/distill_digits_$k" \
       --name "distill_digits_$k" \

@@ -483,6 +483,15 @@ def test_rounds_as_stages_end_to_end(tmp_path):
                              z[pool[:task.num_train]], rtol=1e-5, atol=1e-5)
   assert not table[~pool].any()
   np.testing.assert_array_equal(np.asarray(r1["copies"]), pool)
+  # The round's logged diagnostics, as benchmarks/noisy_student_rounds.py
+  # reads them: no filter and no balancing keep every pool row once.
+  from benchmarks import noisy_student_rounds  # pylint: disable=g-import-not-at-top
+  d = noisy_student_rounds.round_diagnostics(str(tmp_path / "run" / "round1"))
+  assert d["kept_fraction"] == 1.0 and d["set_size"] == pool.sum()
+  labels = np.asarray(task.train_labels)
+  in_pool = pool[:task.num_train]
+  assert d["pseudo_label_accuracy"] == pytest.approx(
+      np.mean(z[in_pool].argmax(-1) == labels[in_pool]), abs=1e-6)
   # Round 2's frozen teacher is round 1's EMA student, bit for bit.
   for a, b in zip(jax.tree.leaves(r2["teacher"]["params"]),
                   jax.tree.leaves(r1["ema_params"])):
