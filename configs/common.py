@@ -96,6 +96,23 @@ def mnist_data(c: ml_collections.ConfigDict, num_labels: int = 100) -> None:
   c.data.augment.strong.cutout = 8
 
 
+def imagenet_data(c: ml_collections.ConfigDict, labeled_fraction: float,
+                  batch_size: int, uratio: int) -> None:
+  """ImageNet with ResNet-50: the labeled fraction, batch sizes, the weak view.
+
+  The weak view is the input pipeline's random-resized crop and a flip (no
+  translation here); evaluation batches of 1024.
+  """
+  c.model.name = "resnet50"
+  c.data.dataset = "imagenet2012"
+  c.data.labeled_fraction = labeled_fraction
+  c.data.batch_size = batch_size
+  c.data.uratio = uratio
+  c.data.eval_batch_size = 1024
+  c.data.augment.weak.translate = 0   # random-resized crop in the pipeline
+  c.data.augment.weak.flip = True
+
+
 def r2d2_block(c: ml_collections.ConfigDict) -> None:
   """R2-D2's hyper-parameters (docs/algorithms.md, "R2-D2"): α = 0.1, β = 0.03.
 

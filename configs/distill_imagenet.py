@@ -48,14 +48,8 @@ def get_config(arg: str | None = None):
   if arg not in (None, "", "runlocal"):
     raise ValueError(f"Unknown variant {arg!r}; use 'runlocal' or nothing.")
   c = common.base_config()
-  c.model.name = "resnet50"
-  c.data.dataset = "imagenet2012"
-  c.data.labeled_fraction = 1.0
-  c.data.batch_size = 1024
-  c.data.uratio = 0
-  c.data.eval_batch_size = 1024
-  c.data.augment.weak.translate = 0   # random-resized crop in the pipeline
-  c.data.augment.weak.flip = True
+  common.imagenet_data(c, labeled_fraction=1.0, batch_size=1024,
+                       uratio=0)
   c.data.augment.strong.update(policy="mpl", num_ops=2, magnitude=9,
                                cutout=0, translate_const=100,
                                cutout_const=40)

@@ -42,14 +42,8 @@ def get_config(arg: str | None = None):
   if arg not in (None, "", "runlocal"):
     raise ValueError(f"Unknown variant {arg!r}; use 'runlocal' or nothing.")
   c = common.base_config()
-  c.model.name = "resnet50"
-  c.data.dataset = "imagenet2012"
-  c.data.labeled_fraction = 0.1
-  c.data.batch_size = 256
-  c.data.uratio = 3
-  c.data.eval_batch_size = 1024
-  c.data.augment.weak.translate = 0   # random-resized crop in the pipeline
-  c.data.augment.weak.flip = True
+  common.imagenet_data(c, labeled_fraction=0.1, batch_size=256,
+                       uratio=3)
   c.data.augment.strong = ml_collections.ConfigDict(dict(
       policy="mpl", num_ops=2, magnitude=27,
       ops=noisy_student_cifar10.NOISY_STUDENT_OPS, translate_const=100,

@@ -1,5 +1,9 @@
 """Small configs and data shared by the tests."""
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -183,3 +187,45 @@ def check_usb_cifar10_setup(c, usb, labels):
     np.testing.assert_allclose(
         float(schedule(k)),
         0.03 * max(0.0, np.cos(np.pi * 7 / 16 * k / 2 ** 20)), rtol=1e-5)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(cache_dir: str, drop=(), **extra) -> dict:
+  """The environment of a test's worker process: 2 fake CPU devices, compile
+  fast, a shared compilation cache; `drop` removes inherited variables."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2"
+             " --xla_backend_optimization_level=0"
+             " --xla_llvm_disable_expensive_passes=true",
+             JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  for name in drop:
+    env.pop(name, None)
+  env.update(extra)
+  return env
+
+
+class Background:
+  """`python -m MODULE ARGS...` started in the background, output to `log`."""
+
+  def __init__(self, module: str, args, env: dict, log: str,
+               timeout: float = 240):
+    self.log, self.timeout = str(log), timeout
+    with open(self.log, "w") as out:
+      self.proc = subprocess.Popen(
+          [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+          stdout=out, stderr=subprocess.STDOUT)
+
+  def wait(self, timeout: float | None = None):
+    try:
+      return self.proc.wait(timeout or self.timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      raise
+
+  def output(self) -> str:
+    with open(self.log) as f:
+      return f.read()

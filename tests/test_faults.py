@@ -11,8 +11,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -37,42 +35,21 @@ CACHE = os.environ.get("R2D2_TEST_SUBPROCESS_JAX_CACHE", os.path.join(
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2"
-             " --xla_backend_optimization_level=0"
-             " --xla_llvm_disable_expensive_passes=true",
-             JAX_COMPILATION_CACHE_DIR=CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.pop("R2D2_FAULT_KILL_IN_SAVE", None)
-  env.update(extra)
-  return env
+  return helpers.subprocess_env(CACHE, drop=("R2D2_FAULT_KILL_IN_SAVE",),
+                                **extra)
 
 
-class _Run:
+class _Run(helpers.Background):
   """`python -m tests.fault_worker --config ... --workdir ...` in the background."""
 
   def __init__(self, workdir, variant="", log=None, **env):
     self.workdir = str(workdir)
-    self.log = log or f"{self.workdir}.{time.monotonic_ns()}.log"
     os.makedirs(self.workdir, exist_ok=True)
     config = CONFIG + (f":{variant}" if variant else "")
-    with open(self.log, "w") as out:
-      self.proc = subprocess.Popen(
-          [sys.executable, "-m", "tests.fault_worker", "--config", config,
-           "--workdir", self.workdir], cwd=ROOT, env=_env(**env), stdout=out,
-          stderr=subprocess.STDOUT)
-
-  def wait(self, timeout=240):
-    try:
-      return self.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      raise
-
-  def output(self):
-    with open(self.log) as f:
-      return f.read()
+    super().__init__(
+        "tests.fault_worker", ["--config", config, "--workdir", self.workdir],
+        _env(**env), log or f"{self.workdir}.{time.monotonic_ns()}.log",
+        timeout=240)
 
   def wait_for_checkpoint(self, stage, step, timeout=240):
     """Returns once `stage` has a checkpoint at `step` or later."""

@@ -38,7 +38,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -57,6 +56,7 @@ from r2d2_jax import checkpoint as ckpt_lib
 from r2d2_jax import paths
 from r2d2_jax.errors import R2D2Error
 from tests import gcs_worker
+from tests import helpers
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,41 +116,19 @@ def gcs(tmp_path_factory):
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2"
-             " --xla_backend_optimization_level=0"
-             " --xla_llvm_disable_expensive_passes=true",
-             JAX_COMPILATION_CACHE_DIR=CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   # The library itself must choose gcsfs over TensorFlow's gfile.
-  env.pop("EPATH_USE_TF", None)
-  env.pop("R2D2_GCS_KILL_IN_SAVE", None)
-  env.update(extra)
-  return env
+  return helpers.subprocess_env(
+      CACHE, drop=("EPATH_USE_TF", "R2D2_GCS_KILL_IN_SAVE"), **extra)
 
 
-class _Run:
+class _Run(helpers.Background):
   """`python -m tests.gcs_worker --config ... --workdir WORKDIR` in the background."""
 
   def __init__(self, workdir, log, **env):
-    self.workdir, self.log = workdir, str(log)
-    with open(self.log, "w") as out:
-      self.proc = subprocess.Popen(
-          [sys.executable, "-m", "tests.gcs_worker", "--config", CONFIG,
-           "--workdir", workdir], cwd=ROOT, env=_env(**env), stdout=out,
-          stderr=subprocess.STDOUT)
-
-  def wait(self, timeout=180):
-    try:
-      return self.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      raise
-
-  def output(self):
-    with open(self.log) as f:
-      return f.read()
+    self.workdir = workdir
+    super().__init__("tests.gcs_worker",
+                     ["--config", CONFIG, "--workdir", workdir], _env(**env),
+                     log, timeout=180)
 
 
 def _object_exists(url: str, name: str) -> bool:
