@@ -54,6 +54,9 @@ stream2() {
       --name "distill_digits_$k" \
       --title "Digits, 50 labels: DeiT-style distillation, kind $k (configs/distill_digits.py:$k)"
   done
+  R --config configs/distill_digits.py:hard --root "$ROOT/distill_digits_alpha0" \
+    --override stages.distill.distill.alpha=0 --name distill_digits_alpha0 \
+    --title 'Digits, 50 labels: the ViT student without a teacher (configs/distill_digits.py, stages.distill.distill.alpha=0)'
   R --config configs/noisy_student_mnist.py --root "$ROOT/noisy_student_mnist" "${M[@]}" \
     --name noisy_student_mnist \
     --title 'MNIST, 100 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_mnist.py)'
