@@ -4,7 +4,8 @@
 returns a `Predictor`: the network of one checkpoint of a run (a stage of a
 staged run), ready to classify uint8 images [N, H, W, C] with a jitted
 forward pass, with the image shape, the normalisation and, where known, the
-class names. `r2d2_jax.predict` is its command line.
+class names. `r2d2_jax.predict` is its command line. The workdir may be a
+local folder or a `gs://` URL (`r2d2_jax.paths`; tests/test_gcs.py).
 
 What is loaded:
 
@@ -52,6 +53,7 @@ import numpy as np
 from r2d2_jax import metrics as metrics_lib
 from r2d2_jax import models
 from r2d2_jax import optim
+from r2d2_jax import paths as paths_lib
 from r2d2_jax import sharding
 from r2d2_jax.data import sources
 from r2d2_jax.data.views import normalize
@@ -241,8 +243,8 @@ def load(workdir: str, stage: str | None = None, which: str = "final",
     raise R2D2Error(f"weights={which!r}: choose 'final' (the newest kept "
                     "checkpoint) or 'best' (the kept checkpoint with the best "
                     "validation accuracy).")
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
+  workdir = paths_lib.absolute(workdir)     # a local folder or gs://
+  if not _isdir(workdir):
     raise R2D2Error(f"--workdir={workdir!r}: no such folder.")
   full_config = _run_config(workdir, config)
   if full_config is None:
@@ -268,9 +270,9 @@ def load(workdir: str, stage: str | None = None, which: str = "final",
         f"{workdir} is a staged run (stage {stage_name!r}), but the config "
         "has no `stages`. Pass the staged config the run was trained with.")
 
-  ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  best_dir = os.path.join(stage_dir, BEST_CHECKPOINT)
-  from_best = which == "best" and os.path.isdir(best_dir)
+  ckpt_dir = paths_lib.join(stage_dir, "checkpoints")
+  best_dir = paths_lib.join(stage_dir, BEST_CHECKPOINT)
+  from_best = which == "best" and _isdir(best_dir)
   if from_best:
     ckpt_dir = best_dir
   manager = _manager(ckpt_dir)
@@ -281,7 +283,7 @@ def load(workdir: str, stage: str | None = None, which: str = "final",
           f"No complete checkpoint in {ckpt_dir}: the run has not saved one "
           "yet (it saves every checkpoint_every_steps and at the last step).")
     history = metrics_lib.read_history(
-        os.path.join(stage_dir, metrics_lib.EVAL_HISTORY))
+        paths_lib.join(stage_dir, metrics_lib.EVAL_HISTORY))
     if from_best:
       # The trainer's best-on-validation state (`accuracy/val/raw`).
       step = steps[-1]
@@ -324,10 +326,9 @@ def _complete_steps(manager, ckpt_dir: str) -> list[int]:
   """The kept steps whose folder holds both items, ascending."""
   out = []
   for step in sorted(manager.all_steps()):
-    folder = os.path.join(ckpt_dir, str(step))
-    if not os.path.isdir(folder) or all(
-        os.path.isdir(os.path.join(folder, item))
-        for item in ("state", "meta")):
+    folder = paths_lib.join(ckpt_dir, str(step))
+    if not _isdir(folder) or all(_isdir(paths_lib.join(folder, item))
+                                  for item in ("state", "meta")):
       out.append(step)
   return out
 
@@ -510,7 +511,7 @@ def _restore_needed(method, target: PyTree, variables: str, ckpt_dir: str,
     return None
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(
-        os.path.join(ckpt_dir, str(step), "state"),
+        paths_lib.join(ckpt_dir, str(step), "state"),
         args=ocp.args.PyTreeRestore(
             item=item, partial_restore=True,
             restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
@@ -582,25 +583,31 @@ def _run_config(workdir: str, config: ml_collections.ConfigDict | str | None
     return load_config_file(config)
   if config is not None:
     return config
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.isfile(path):
+  path = paths_lib.join(workdir, CONFIG_FILE)
+  text = paths_lib.read_text(path)
+  if text is not None:
     try:
-      return load_config_file(path)
+      return ml_collections.ConfigDict(_tuples(json.loads(text)))
     except (ValueError, TypeError) as e:
       raise R2D2Error(f"{path} is not a config dump ({e}); pass --config."
                       ) from e
   return None
 
 
+def _isdir(p: str) -> bool:
+  """A folder, local or under gs:// (an object prefix)."""
+  return paths_lib.path(p).is_dir()
+
+
 def stages_of(workdir: str) -> list[str]:
   """The sub-folders of `workdir` that hold a stage's checkpoints, sorted."""
-  return sorted(d for d in os.listdir(workdir)
-                if os.path.isdir(os.path.join(workdir, d, "checkpoints")))
+  return sorted(d.name for d in paths_lib.path(workdir).iterdir()
+                if _isdir(paths_lib.join(workdir, d.name, "checkpoints")))
 
 
 def _check_has_checkpoints(workdir: str) -> None:
   """Raises unless `workdir` has checkpoints/ or stage folders with one."""
-  if not (os.path.isdir(os.path.join(workdir, "checkpoints")) or
+  if not (_isdir(paths_lib.join(workdir, "checkpoints")) or
           stages_of(workdir)):
     raise R2D2Error(
         f"No checkpoint in {workdir}: it has neither checkpoints/ (a "
@@ -612,7 +619,7 @@ def _choose_stage(workdir: str, stage: str | None,
                   config: ml_collections.ConfigDict | None
                   ) -> tuple[str, str]:
   """(stage name, stage folder); ('', workdir) for a single-stage run."""
-  single = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  single = _isdir(paths_lib.join(workdir, "checkpoints"))
   found = stages_of(workdir)
   if single and not (config is not None and config.get("stages")):
     if stage:
@@ -643,7 +650,7 @@ def _choose_stage(workdir: str, stage: str | None,
     raise R2D2Error(
         f"--stage={stage!r}: {workdir} has no such stage with checkpoints. "
         f"Its stages: {ordered}.")
-  return stage, os.path.join(workdir, stage)
+  return stage, paths_lib.join(workdir, stage)
 
 
 # ---------------------------------------------------------------------------

@@ -207,6 +207,17 @@ def test_gs_workdir_killed_twice_resumes_bitwise(gcs, tmp_path):
               if p.name.startswith("events.out.tfevents")]
     assert events, stage
 
+  # A trained model is loaded from gs:// as from a local folder: the config
+  # from RUN/config.json, the last stage, its final weights.
+  from r2d2_jax import inference  # pylint: disable=g-import-not-at-top
+  from_gs, from_local = inference.load(RUN), inference.load(local)
+  assert from_gs.stage == from_local.stage == gcs_worker.STAGES[-1]
+  assert from_gs.checkpoint_dir.startswith("gs://")
+  images = np.random.default_rng(0).integers(
+      0, 256, (5, *from_local.image_shape), np.uint8)
+  np.testing.assert_array_equal(from_gs.logits(images),
+                                from_local.logits(images))
+
 
 def test_workdir_urls_checked(monkeypatch):
   assert paths.check(RUN) == RUN
