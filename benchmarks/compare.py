@@ -426,7 +426,7 @@ def run_one(config, info: dict, workdir: str) -> tuple[float, bool]:
     with open(path) as f:
       saved = json.load(f)
     if saved["config"] != record["config"]:
-      diff = sorted(_diff_keys(saved["config"], record["config"]))
+      diff = sorted(results.diff_keys(saved["config"], record["config"]))
       raise R2D2Error(
           f"{workdir} holds a run of another config (differing: "
           f"{', '.join(diff[:8])}). Use another --root, or delete {workdir}.")
@@ -443,16 +443,6 @@ def run_one(config, info: dict, workdir: str) -> tuple[float, bool]:
   with open(done, "w") as f:
     json.dump(dict(wall_s=wall, finished=time.time()), f)
   return wall, True
-
-
-def _diff_keys(a, b, prefix=""):
-  keys = set(a) | set(b)
-  for k in keys:
-    va, vb = a.get(k), b.get(k)
-    if isinstance(va, dict) and isinstance(vb, dict):
-      yield from _diff_keys(va, vb, f"{prefix}{k}.")
-    elif va != vb:
-      yield f"{prefix}{k}"
 
 
 def stage_dir(root: str, method: str, seed: int, stage: str) -> str:

@@ -21,11 +21,19 @@ over the seeds, three ways:
 
 The headline is "at best val" of the raw weights, or "median last 20" of the
 raw weights for a config without a validation set; the table says which.
+
+A finished seed writes `--root/SEED/results_done.json` (its config, final
+metrics and wall time). With it a seed is read back from its small files alone
+(the done file and each stage's `eval_history.jsonl`), checkpoints or not, so
+`python -m benchmarks.archive` can keep finished seeds in the repository and a
+later session can add the missing seeds. A done file of another config is an
+error, not read back.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -36,6 +44,9 @@ import numpy as np
 from benchmarks import report
 from r2d2_jax import analysis
 from r2d2_jax import train
+from r2d2_jax.errors import R2D2Error
+
+DONE_FILE = "results_done.json"
 
 WEIGHTS = ("raw", "ema")
 FIGURES = ("at best val", "median last 20", "final")
@@ -144,7 +155,54 @@ def table(per_stage: dict, labels: dict, figure: str,
   return lines
 
 
-def main():
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=float))
+
+
+def diff_keys(a: dict, b: dict, prefix: str = ""):
+  """The dotted keys whose values differ between two nested dicts."""
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      yield from diff_keys(va, vb, f"{prefix}{k}.")
+    elif va != vb:
+      yield f"{prefix}{k}"
+
+
+def run_seed(config, workdir: str) -> tuple[dict, float, bool]:
+  """Trains (resumes, or reads back) one seed's run in `workdir`.
+
+  Returns:
+    (results, wall seconds, trained): what `train.train_and_evaluate`
+    returned, the training time (of the session that trained it, for a run
+    read back), and whether this call trained.
+
+  Raises:
+    R2D2Error: `workdir` holds a finished run of another config.
+  """
+  done = os.path.join(workdir, DONE_FILE)
+  cfg = _jsonable(config.to_dict())
+  if os.path.exists(done):
+    with open(done) as f:
+      saved = json.load(f)
+    if saved["config"] != cfg:
+      diff = list(diff_keys(saved["config"], cfg))
+      raise R2D2Error(
+          f"{done} is a finished run of another config (differing: "
+          f"{', '.join(diff[:8])}). Use another --root, or delete {workdir}.")
+    return saved["results"], float(saved["wall_s"]), False
+  t0 = time.time()
+  results = train.train_and_evaluate(config, workdir)
+  wall = time.time() - t0
+  tmp = done + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(dict(config=cfg, results=_jsonable(results), wall_s=wall,
+                   finished=time.time()), f, indent=1)
+  os.replace(tmp, done)
+  return _jsonable(results), wall, True
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -158,7 +216,7 @@ def main():
                       help="section name in docs/results.md and default root "
                       "(default: the config's file name and variant)")
   parser.add_argument("--write", action="store_true")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   name = args.name or os.path.basename(args.config).replace(".py", "").replace(
       ":", "_")
   root = args.root or os.path.join("/tmp/r2d2_jax/results", name)
@@ -174,7 +232,7 @@ def main():
       apply_override(config, item)
     config.seed = seed
     workdir = os.path.join(root, str(seed))
-    results = train.train_and_evaluate(config, workdir)
+    results, _, _ = run_seed(config, workdir)
     staged = all(isinstance(v, dict) for v in results.values())
     if not staged:
       results = {"run": results}
@@ -198,7 +256,7 @@ def main():
                                                 else "")
                     for s, n in num_evals.items())
   lines = [f"## {args.title or name}", "",
-           f"Command: `{shlex.join(['python', '-m', 'benchmarks.results', *sys.argv[1:]])}`",
+           f"Command: `{shlex.join(['python', '-m', 'benchmarks.results', *(sys.argv[1:] if argv is None else argv)])}`",
            "", f"Measured: {report.environment()}; {len(args.seeds)} seeds "
            f"({', '.join(map(str, args.seeds))}); {minutes:.0f} minutes "
            "of wall time (runs already finished are read back, not timed).",
@@ -223,6 +281,7 @@ def main():
     report.write_section(f"results_{name}", text,
                          path=os.path.join(os.path.dirname(report.DOC),
                                            "results.md"))
+  return text
 
 
 if __name__ == "__main__":
