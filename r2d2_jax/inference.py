@@ -63,8 +63,8 @@ from r2d2_jax.methods.base import bind
 
 PyTree = Any
 
-CONFIG_FILE = "config.json"
-BEST_CHECKPOINT = "best_checkpoint"   # train.BEST_CHECKPOINT
+CONFIG_FILE = paths_lib.CONFIG_FILE
+BEST_CHECKPOINT = paths_lib.BEST_CHECKPOINT
 WEIGHTS = ("final", "best")
 
 # Class names of the datasets whose names are fixed facts (tensorflow-datasets'

@@ -27,6 +27,11 @@ from etils import epath
 
 from r2d2_jax.errors import R2D2Error
 
+# What the trainer writes into a workdir, and what `inference` reads back:
+# the run's config (WORKDIR/config.json) and a stage's best-validation state.
+CONFIG_FILE = "config.json"
+BEST_CHECKPOINT = "best_checkpoint"
+
 # URL schemes a workdir may use, and the fsspec package each needs. Orbax's
 # tensorstore driver supports Cloud Storage only among the cloud stores.
 _URL_PACKAGES = {"gs": "gcsfs"}

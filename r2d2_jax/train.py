@@ -431,7 +431,7 @@ class Stage:
     return final
 
 
-BEST_CHECKPOINT = "best_checkpoint"
+BEST_CHECKPOINT = paths.BEST_CHECKPOINT
 BEST_METRIC = "accuracy/val/raw"
 
 
@@ -495,7 +495,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                                                        sort_keys=True))
 
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = paths.CONFIG_FILE
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r2d2_jax import losses
+from r2d2_jax import table as table_lib
 from r2d2_jax.errors import R2D2Error, unknown_name
 from r2d2_jax.state import TrainState
 
@@ -299,6 +300,34 @@ class HookContext:
     if name not in self.cache:
       self.cache[name] = build()
     return self.cache[name]
+
+
+def predict_into_table(hooks: HookContext, state: PyTree, name: str,
+                       logits: Callable[[PyTree, jax.Array], jax.Array],
+                       rows: Callable[[PyTree], jax.Array]) -> PyTree:
+  """state.table[i] <- logits(state, x_i) for every train row i with rows(state)[i] > 0.
+
+  One pass over the unaugmented train split (`hooks.eval_batches('train')`),
+  compiled once per stage under `name`; the other rows, and the padding, are
+  left as they are. R2-D2's reprediction (`rows`: the learnable rows) and
+  Noisy Student's teacher labelling (`rows`: the pool) are this pass.
+  """
+  mesh, normalize = hooks.mesh, hooks.normalize
+
+  def build():
+    def write(state, batch):
+      z = logits(state, normalize(batch["image"]))
+      chosen = table_lib.gather_rows(rows(state), batch["index"], mesh)
+      ok = batch["mask"] & (chosen > 0)
+      return state.replace(table=table_lib.set_rows(
+          state.table, batch["index"], z, ok, mesh))
+    return jax.jit(write, donate_argnums=(0,),
+                   out_shardings=hooks.state_shardings)
+
+  write = hooks.compiled(name, build)
+  for batch in hooks.eval_batches("train"):
+    state = write(state, batch)
+  return state
 
 
 class Hook(Protocol):

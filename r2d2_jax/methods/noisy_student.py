@@ -76,6 +76,7 @@ from r2d2_jax.methods import teacher as teacher_lib
 from r2d2_jax.methods.base import (HookContext, Method, Network, Task,
                                    check_choice, check_range, check_uratio,
                                    copy_network, parse_block,
+                                   predict_into_table,
                                    pseudo_label_monitors, register,
                                    replicate_all, step_metrics)
 from r2d2_jax.state import TrainState
@@ -347,23 +348,11 @@ def diagnostics(pred: np.ndarray, conf: np.ndarray, pool: np.ndarray,
 def _predict_pool(hooks: HookContext, state: NoisyStudentState
                   ) -> NoisyStudentState:
   """table[i] ← T(x_i) on every pool row (eval mode, unaugmented images)."""
-  mesh, normalize, hp = hooks.mesh, hooks.normalize, hooks.hp
-
-  def build():
-    def write(state, batch):
-      z = teacher_lib.logits(hp.teacher, state.teacher,
-                             normalize(batch["image"]))
-      in_pool = table_lib.gather_rows(state.pool, batch["index"], mesh)
-      ok = batch["mask"] & (in_pool > 0)
-      return state.replace(table=table_lib.set_rows(
-          state.table, batch["index"], z, ok, mesh))
-    return jax.jit(write, donate_argnums=(0,),
-                   out_shardings=hooks.state_shardings)
-
-  write = hooks.compiled("noisy_student/predict", build)
-  for batch in hooks.eval_batches("train"):
-    state = write(state, batch)
-  return state
+  hp = hooks.hp
+  return predict_into_table(
+      hooks, state, "noisy_student/predict",
+      lambda s, x: teacher_lib.logits(hp.teacher, s.teacher, x),
+      lambda s: s.pool)
 
 
 def _class_and_confidence(hooks: HookContext, state: NoisyStudentState):

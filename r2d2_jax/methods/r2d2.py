@@ -61,6 +61,7 @@ from r2d2_jax.methods import supervised
 from r2d2_jax.methods.base import (HookContext, Method, Network, Task,
                                    check_choice, check_range, copy_network,
                                    one_network_step, parse_block,
+                                   predict_into_table,
                                    pseudo_label_monitors, register,
                                    replicate_all)
 from r2d2_jax.state import TrainState
@@ -284,22 +285,10 @@ def repredict(hooks: HookContext, state: R2D2State) -> R2D2State:
   Uses the raw weights (not the EMA), with BatchNorm running statistics and no
   augmentation, over the whole train split.
   """
-  net, mesh, normalize = hooks.net, hooks.mesh, hooks.normalize
-
-  def build():
-    def write(state, batch):
-      logits = net.apply_eval(state.variables(), normalize(batch["image"]))
-      learn = table_lib.gather_rows(state.learnable, batch["index"], mesh)
-      ok = batch["mask"] & (learn > 0)
-      return state.replace(table=table_lib.set_rows(
-          state.table, batch["index"], logits, ok, mesh))
-    return jax.jit(write, donate_argnums=(0,),
-                   out_shardings=hooks.state_shardings)
-
-  write = hooks.compiled("r2d2/repredict", build)
-  for batch in hooks.eval_batches("train"):
-    state = write(state, batch)
-  return state
+  net = hooks.net
+  return predict_into_table(
+      hooks, state, "r2d2/repredict",
+      lambda s, x: net.apply_eval(s.variables(), x), lambda s: s.learnable)
 
 
 def table_stats(hooks: HookContext, state: R2D2State) -> dict[str, float]:
