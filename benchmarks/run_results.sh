@@ -3,6 +3,10 @@
 # in two parallel streams (the small models leave CPU cores idle in one).
 # Finished runs under $ROOT are read back, so rerunning continues where it
 # stopped. Usage: bash benchmarks/run_results.sh [ROOT]  (logs in ROOT/*.log)
+# Stream 3 (VAT's MNIST-100 reproduction and the equal-budget tables) first
+# copies back the runs kept in docs/runs/ by earlier sessions, and keeps each
+# finished run there (`benchmarks.archive`), so it can span several sessions:
+#   STREAMS=3 bash benchmarks/run_results.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-/tmp/r2d2_jax/results_v3}
@@ -67,7 +71,36 @@ stream2() {
   done
 }
 
-stream1 > "$ROOT/stream1.log" 2>&1 &
-stream2 > "$ROOT/stream2.log" 2>&1 &
+# Restore the kept runs of NAME into ROOT/NAME, run CMD..., keep the finished.
+kept() {
+  local name=$1; shift
+  if [ -d "docs/runs/$name" ]; then
+    python -m benchmarks.archive "docs/runs/$name" "$ROOT/$name"
+  fi
+  "$@"
+  python -m benchmarks.archive "$ROOT/$name" "docs/runs/$name"
+}
+
+stream3() {
+  for v in "" ":supervised" ":pseudo_label"; do
+    n="vat_mnist${v/:/_}"
+    kept "$n" python -m benchmarks.results --seeds 0 1 2 --write \
+      --config "configs/vat_mnist.py$v" --root "$ROOT/$n" "${M[@]}" --name "$n" \
+      --title "PI-MNIST, 100 labels: configs/vat_mnist.py$v (VAT's TPAMI setting)"
+  done
+  kept compare_digits python -m benchmarks.compare --setting digits --methods \
+    supervised pseudo_label pi_model temporal_ensembling mean_teacher vat \
+    mixmatch uda fixmatch fixmatch_cta flexmatch freematch softmatch adamatch \
+    noisy_student r2d2 mpl semimeta --steps 2000 --seeds 0 1 2 \
+    --root "$ROOT/compare_digits" --write
+  kept compare_mnist_pi python -m benchmarks.compare --setting mnist_pi \
+    --methods supervised pseudo_label pi_model mean_teacher vat r2d2 mpl \
+    semimeta --steps 6000 --seeds 0 1 2 --root "$ROOT/compare_mnist_pi" \
+    "${M[@]}" --write
+}
+
+for s in ${STREAMS:-1 2}; do
+  "stream$s" > "$ROOT/stream$s.log" 2>&1 &
+done
 wait
 echo "done: $ROOT"
