@@ -165,7 +165,14 @@ def test_weight_schedule():
 def test_four_devices_equal_one_and_no_recompilation(tmp_path):
   c = tsm.stage_config("adamatch", total_steps=8)   # λu(2) = λu / 2
   c.adamatch = adamatch.default_block()
-  c.adamatch.update(momentum=0.5, weight_schedule="cosine_warmup")
+  # Soft targets: with hard ones, an unlabeled image whose two largest aligned
+  # probabilities tie to float32 round-off takes either argmax depending on
+  # the summation order (seen on one CPU at step 3: the loss equal to 1e-7, a
+  # momentum leaf 1.5 % apart). Hard labels are checked by hand in
+  # test_adamatch_two_steps; here it is the cross-device statistics (the
+  # cutoff's batch mean, the alignment EMAs) that must not depend on the mesh.
+  c.adamatch.update(momentum=0.5, weight_schedule="cosine_warmup",
+                    hard_labels=False)
   s4 = train.Stage(c, str(tmp_path / "four"),
                    mesh=sharding.make_mesh(jax.devices()[:4]))
   s1 = train.Stage(c, str(tmp_path / "one"),
