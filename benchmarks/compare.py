@@ -15,8 +15,12 @@ harness makes equal (`SETTINGS`):
   mnist_cnn  configs/<method>_mnist.py with cnn_small, augmentation as each
              config has it
   mnist_pi   permutation-invariant MNIST-100: configs/<method>_mnist.py with
-             mlp_mnist and no augmentation (`data.augment.weak.translate=0`);
-             only methods that need no image augmentation
+             mlp_mnist and no augmentation in any view (`augmentation_off`:
+             weak and strong are the image itself); the network's noise is
+             VAT's TPAMI one (Gaussian, std 0.5, after each hidden BatchNorm,
+             train mode) for every method, so Π, Mean Teacher and MPL's UDA
+             term see two different passes; only methods that need no image
+             augmentation
 
 Forced equal in every stage of every method: the model (name and kwargs; a
 stage's own kwargs, e.g. MPL's finetune without dropout, stay), the dataset,
@@ -82,7 +86,7 @@ class Setting:
     suffix: configs/<method>_<suffix>.py is a method's config.
     model: forced `config.model` (name, kwargs).
     data: forced `config.data` entries.
-    augment_off: no image augmentation (`data.augment.weak.translate=0`).
+    augment_off: no image augmentation in any view (`augmentation_off`).
     allowed: the methods the setting accepts (None: every method with a config).
   """
   name: str
@@ -103,7 +107,7 @@ SETTINGS = {
         dict(dataset="mnist", num_labels=100, num_val=1000, batch_size=32,
              uratio=3, eval_batch_size=1000)),
     "mnist_pi": Setting(
-        "mnist_pi", "mnist", dict(name="mlp_mnist", kwargs={}),
+        "mnist_pi", "mnist", dict(name="mlp_mnist", kwargs=dict(noise_std=0.5)),
         dict(dataset="mnist", num_labels=100, num_val=1000, batch_size=32,
              uratio=3, eval_batch_size=1000), augment_off=True,
         allowed=("supervised", "pseudo_label", "pi_model", "mean_teacher",
@@ -333,7 +337,28 @@ def _force(cfg: dict, base: dict, setting: Setting) -> None:
                                   **own_kwargs))
   cfg["data"].update(setting.data)
   if setting.augment_off:
-    cfg["data"]["augment"]["weak"]["translate"] = 0
+    augmentation_off(cfg["data"]["augment"])
+
+
+def augmentation_off(augment: dict) -> None:
+  """Every view the unaugmented image (in place on `config.data.augment`).
+
+  Weak: no flip, no translation. Strong (it starts from the weak block): no
+  translation, no RandAugment layer, no cutout, no jitter after it (and no
+  'usb' policy's final cutout). A method whose unlabeled loss needs two
+  different views (MPL's UDA term) then differs only by the network's noise.
+  """
+  augment.setdefault("weak", {}).update(translate=0, flip=False)
+  if "strong" in augment:
+    strong = augment["strong"]
+    if strong.get("policy") == "ctaugment":
+      raise R2D2Error("a setting without augmentation cannot take "
+                      "data.augment.strong.policy='ctaugment' (a learned "
+                      "augmentation); drop the override or use mnist_cnn")
+    strong.update(translate=0, flip=False, num_ops=0, cutout=0,
+                  weak_after=False)
+    if strong.get("policy") == "usb":
+      strong["cutout_frac"] = 0.0
 
 
 def budget_config(setting: Setting, method: str, steps: int, seed: int, *,

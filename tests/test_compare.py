@@ -19,17 +19,24 @@ Break checks (each made the named test fail, then was restored):
     test_table_values_are_the_histories.
   - `run_one` ignoring compare_done.json (reruns every run):
     test_rerun_reads_back.
+  - `augmentation_off` without `num_ops=0` (MPL's strong view keeps its
+    RandAugment layers), or without the weak block's `flip=False`:
+    test_mnist_pi_views_are_the_image.
 """
 
 import json
 import os
 import re
 import shutil
+import types
 
+import jax
 import numpy as np
 import pytest
 
 from benchmarks import compare
+from r2d2_jax.data import augment
+from r2d2_jax.data import views
 from r2d2_jax.errors import R2D2Error
 
 SEEDS = (0, 1)
@@ -225,3 +232,22 @@ def test_setting_errors_are_clear():
   assert path.endswith("fixmatch_digits.py") and variant == "cta"
   assert compare.method_source(compare.SETTINGS["digits"], "supervised")[2] == (
       "supervised")
+
+
+def test_mnist_pi_views_are_the_image():
+  """In the permutation-invariant setting no view augments, MPL's strong one too."""
+  setting = compare.SETTINGS["mnist_pi"]
+  img = np.random.RandomState(0).randint(0, 256, (28, 28, 1)).astype(np.uint8)
+  info = types.SimpleNamespace(flip=True)  # flips would be on by default
+  for method in ("mpl", "vat", "pi_model", "semimeta"):
+    config, _ = compare.budget_config(setting, method, 600, 0)
+    for stage, c in compare.stage_configs(config).items():
+      assert (c.model.name, c.model.kwargs.noise_std) == ("mlp_mnist", 0.5)
+      specs = views.view_specs({"unlabeled": ("weak", "strong")},
+                               c.data.augment, info)["unlabeled"]
+      for name, spec in specs.items():
+        fn = augment.view_fn(spec)
+        for k in range(4):
+          out = np.asarray(fn(jax.random.PRNGKey(k), img))
+          np.testing.assert_array_equal(
+              out, img.astype(np.float32), err_msg=f"{method} {stage} {name}")
