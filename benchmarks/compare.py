@@ -348,16 +348,18 @@ def augmentation_off(augment: dict) -> None:
   'usb' policy's final cutout). A method whose unlabeled loss needs two
   different views (MPL's UDA term) then differs only by the network's noise.
   """
+  from r2d2_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
   augment.setdefault("weak", {}).update(translate=0, flip=False)
   if "strong" in augment:
     strong = augment["strong"]
-    if strong.get("policy") == "ctaugment":
-      raise R2D2Error("a setting without augmentation cannot take "
-                      "data.augment.strong.policy='ctaugment' (a learned "
-                      "augmentation); drop the override or use mnist_cnn")
+    policy = strong.get("policy")
+    if policy in augment_lib.STATEFUL_POLICIES:
+      raise R2D2Error(f"a setting without augmentation cannot take "
+                      f"data.augment.strong.policy={policy!r} (a learned "
+                      f"augmentation); drop the override or use mnist_cnn")
     strong.update(translate=0, flip=False, num_ops=0, cutout=0,
                   weak_after=False)
-    if strong.get("policy") == "usb":
+    if policy == "usb":
       strong["cutout_frac"] = 0.0
 
 

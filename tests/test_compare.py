@@ -22,6 +22,8 @@ Break checks (each made the named test fail, then was restored):
   - `augmentation_off` without `num_ops=0` (MPL's strong view keeps its
     RandAugment layers), or without the weak block's `flip=False`:
     test_mnist_pi_views_are_the_image.
+  - `augmentation_off` without the 'usb' policy's `cutout_frac=0`:
+    test_augmentation_off_usb_policy_and_learned_policy.
 """
 
 import json
@@ -251,3 +253,18 @@ def test_mnist_pi_views_are_the_image():
           out = np.asarray(fn(jax.random.PRNGKey(k), img))
           np.testing.assert_array_equal(
               out, img.astype(np.float32), err_msg=f"{method} {stage} {name}")
+
+
+def test_augmentation_off_usb_policy_and_learned_policy():
+  """USB's policy loses its final cutout too; CTAugment is refused by name."""
+  block = {"weak": {"translate": 4},
+           "strong": {"policy": "usb", "num_ops": 2, "magnitude": 10}}
+  compare.augmentation_off(block)
+  img = np.random.RandomState(1).randint(0, 256, (28, 28, 1)).astype(np.uint8)
+  specs = views.view_specs({"unlabeled": ("weak", "strong")}, block,
+                           types.SimpleNamespace(flip=True))["unlabeled"]
+  for name, spec in specs.items():
+    out = np.asarray(augment.view_fn(spec)(jax.random.PRNGKey(0), img))
+    np.testing.assert_array_equal(out, img.astype(np.float32), err_msg=name)
+  with pytest.raises(R2D2Error, match="policy='ctaugment' \\(a learned"):
+    compare.augmentation_off({"weak": {}, "strong": {"policy": "ctaugment"}})
