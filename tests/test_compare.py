@@ -227,13 +227,36 @@ def test_budget_config_forces_the_setting():
 def test_setting_errors_are_clear():
   with pytest.raises(R2D2Error, match="need no image augmentation.*fixmatch"):
     compare.method_source(compare.SETTINGS["mnist_pi"], "fixmatch")
-  with pytest.raises(R2D2Error, match="configs/uda_mnist.py does not exist"):
-    compare.method_source(compare.SETTINGS["mnist_cnn"], "uda")
+  with pytest.raises(R2D2Error, match="configs/nope_mnist.py does not exist"):
+    compare.method_source(compare.SETTINGS["mnist_cnn"], "nope")
   path, variant, stage = compare.method_source(compare.SETTINGS["digits"],
                                                "fixmatch_cta")
   assert path.endswith("fixmatch_digits.py") and variant == "cta"
   assert compare.method_source(compare.SETTINGS["digits"], "supervised")[2] == (
       "supervised")
+
+
+# Every method of the library, as the tables of docs/results.md name them.
+EVERY_METHOD = ("supervised", "pseudo_label", "pi_model", "temporal_ensembling",
+                "mean_teacher", "vat", "mixmatch", "uda", "fixmatch",
+                "fixmatch_cta", "flexmatch", "freematch", "softmatch",
+                "adamatch", "noisy_student", "r2d2", "mpl", "semimeta")
+
+
+@pytest.mark.parametrize("setting", ["digits", "mnist_cnn"])
+def test_every_method_has_a_config_in_the_augmented_settings(setting):
+  """Tables (b) and (c) name every method: each resolves to its own config."""
+  for method in EVERY_METHOD:
+    config = compare.load_method_config(compare.SETTINGS[setting], method)
+    stages = compare.stage_configs(config)
+    methods = [c.method for c in stages.values()]
+    own = "fixmatch" if method == "fixmatch_cta" else method
+    assert own in methods, (setting, method, methods)
+    for c in stages.values():
+      assert c.data.dataset == compare.SETTINGS[setting].data["dataset"]
+      policy = c.data.augment.strong.get("policy")
+      assert (policy == "ctaugment") == (method == "fixmatch_cta"), (
+          setting, method, policy)
 
 
 def test_mnist_pi_views_are_the_image():
