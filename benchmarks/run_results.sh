@@ -88,6 +88,15 @@ stream3() {
       --config "configs/vat_mnist.py$v" --root "$ROOT/$n" "${M[@]}" --name "$n" \
       --title "PI-MNIST, 100 labels: configs/vat_mnist.py$v (VAT's TPAMI setting)"
   done
+  # The reproduction's learning curves and its BatchNorm-statistics diagnostic.
+  python -m benchmarks.plot_runs --seeds 0 1 2 --runs "vat=$ROOT/vat_mnist" \
+    "pseudo_label=$ROOT/vat_mnist_pseudo_label" \
+    "supervised=$ROOT/vat_mnist_supervised" --target 1.36 \
+    --target-label "VAT, TPAMI 2018" --out docs/figures/vat_mnist_error.png
+  for s in 0 1 2; do
+    python -m benchmarks.bn_reestimate --workdir "$ROOT/vat_mnist/$s" \
+      --manual-dir "$MNIST" --data-dir "$TFDS"
+  done
   kept compare_digits python -m benchmarks.compare --setting digits --methods \
     supervised pseudo_label pi_model temporal_ensembling mean_teacher vat \
     mixmatch uda fixmatch fixmatch_cta flexmatch freematch softmatch adamatch \
