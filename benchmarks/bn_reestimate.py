@@ -34,11 +34,14 @@ it to 0 (a layer's running average becomes its batch's statistics).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
+import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,70 +88,35 @@ def population_stats(model, variables: dict, images: np.ndarray,
                                mutable=["batch_stats"])
     return new["batch_stats"]
 
-  total, mean_acc, sq_acc = 0, None, None
+  # Per layer: the sums over batches of n · mean and n · (var + mean²).
+  sums: dict[tuple[str, ...], np.ndarray] = {}
+  total = 0
   for start in range(0, len(images), batch):
     x = jnp.asarray(images[start:start + batch])
     n = x.shape[0]
-    s = batch_stats(x)
-    m = _leaves(s, "mean")
-    v = _leaves(s, "var")
-    sq = {k: v[k] + m[k] ** 2 for k in m}
-    if mean_acc is None:
-      mean_acc = {k: n * np.asarray(m[k], np.float64) for k in m}
-      sq_acc = {k: n * np.asarray(sq[k], np.float64) for k in sq}
-    else:
-      for k in m:
-        mean_acc[k] += n * np.asarray(m[k], np.float64)
-        sq_acc[k] += n * np.asarray(sq[k], np.float64)
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(batch_stats(x)))
+    for path, value in flat.items():
+      value = np.asarray(value, np.float64)
+      if path[-1] == "var":
+        value = value + np.asarray(flat[path[:-1] + ("mean",)], np.float64) ** 2
+      sums[path] = sums.get(path, 0.0) + n * value
     total += n
   if not total:
     raise R2D2Error("population_stats: no images.")
-  out: dict[str, Any] = {}
-  for k in mean_acc:
-    mean = mean_acc[k] / total
-    var = np.maximum(sq_acc[k] / total - mean ** 2, 0.0)
-    out[k] = dict(mean=jnp.asarray(mean, jnp.float32),
-                  var=jnp.asarray(var, jnp.float32))
-  return out
-
-
-def _leaves(stats: Any, name: str) -> dict[str, jax.Array]:
-  """{layer path: stats[...][name]} of a batch_stats tree (nested dicts)."""
   out = {}
-
-  def walk(node, path):
-    if isinstance(node, dict) or hasattr(node, "keys"):
-      if name in node and not hasattr(node[name], "keys"):
-        out["/".join(path)] = node[name]
-        return
-      for key in node:
-        walk(node[key], path + (key,))
-  walk(stats, ())
-  return out
+  for path, value in sums.items():
+    if path[-1] == "mean":
+      mean = value / total
+      var = np.maximum(sums[path[:-1] + ("var",)] / total - mean ** 2, 0.0)
+      out[path] = jnp.asarray(mean, jnp.float32)
+      out[path[:-1] + ("var",)] = jnp.asarray(var, jnp.float32)
+  return traverse_util.unflatten_dict(out)
 
 
-def _nest(flat: dict[str, dict]) -> dict:
-  """{'a/b': {'mean', 'var'}} -> {'a': {'b': {'mean', 'var'}}}."""
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    keys = path.split("/")
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = leaf
-  return out
-
-
-def error(predictor: inference.Predictor, variables: dict, images: np.ndarray,
+def error(predictor: inference.Predictor, images: np.ndarray,
           labels: np.ndarray) -> float:
-  """Test error % of the eval-mode network with `variables`."""
-  correct = 0
-  bs = predictor.batch_size
-  for start in range(0, len(images), bs):
-    logits = predictor.apply(variables, jnp.asarray(images[start:start + bs]))
-    correct += int(np.sum(np.argmax(np.asarray(logits), -1) ==
-                          labels[start:start + bs]))
-  return 100.0 * (1.0 - correct / len(labels))
+  """Error % of the predictor's eval-mode network on uint8 `images`."""
+  return 100.0 * float(np.mean(predictor.predict(images) != labels))
 
 
 def pools(split: dict, num_train: int) -> dict[str, np.ndarray]:
@@ -178,31 +146,31 @@ def run(argv: Sequence[str]) -> str:
                     "folder (the one holding split.json and checkpoints/).")
   with open(split_path) as f:
     split = json.load(f)
-  data = None
+  preds = [inference.load(args.workdir, which=which, variables=args.variables)
+           for which in args.weights]
+  config, info = preds[0].config, preds[0].info
+  data = sources.load_in_memory(config.data.dataset, args.data_dir,
+                                args.manual_dir)
+  train, test = data["train"], data["test"]
+  val = np.asarray(split["val"], np.int64)
+  batch = args.batch or int(config.data.batch_size *
+                            max(1, config.data.uratio))
+  order = np.random.default_rng(args.shuffle_seed)
+  inputs = {k: np.asarray(inference.normalize(
+      jnp.asarray(train.images[order.permutation(v)]), info))
+            for k, v in pools(split, len(train)).items()}
   lines = ["| weights | step | BN statistics | val error % | test error % |",
            "| --- | ---: | --- | ---: | ---: |"]
-  for which in args.weights:
-    pred = inference.load(args.workdir, which=which, variables=args.variables)
-    if data is None:
-      data = sources.load_in_memory(pred.config.data.dataset, args.data_dir,
-                                    args.manual_dir)
-      train, test = data["train"], data["test"]
-      rows = pools(split, len(train))
-      val = np.asarray(split["val"], np.int64)
-      batch = args.batch or int(pred.config.data.batch_size *
-                                max(1, pred.config.data.uratio))
-      order = np.random.default_rng(args.shuffle_seed)
-      rows = {k: order.permutation(v) for k, v in rows.items()}
-    model = pred.net.model
+  for which, pred in zip(args.weights, preds):
     for pool in POOLS:
-      variables = dict(pred.variables)
+      net = pred
       if pool != "trained":
-        x = inference.normalize(jnp.asarray(train.images[rows[pool]]),
-                                pred.info)
-        variables["batch_stats"] = _nest(population_stats(
-            model, pred.variables, np.asarray(x), batch))
-      v_err = error(pred, variables, train.images[val], train.labels[val])
-      t_err = error(pred, variables, test.images, test.labels)
+        stats = population_stats(pred.net.model, pred.variables, inputs[pool],
+                                 batch)
+        net = dataclasses.replace(
+            pred, variables=dict(pred.variables, batch_stats=stats))
+      v_err = error(net, train.images[val], train.labels[val])
+      t_err = error(net, test.images, test.labels)
       lines.append(f"| {which} | {pred.step} | {pool} | {v_err:.2f} | "
                    f"{t_err:.2f} |")
       print(lines[-1], flush=True)
