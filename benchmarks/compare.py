@@ -649,22 +649,13 @@ def _band(root, methods, seeds, tag):
   return out
 
 
-def _plt():
-  """pyplot; the Agg backend unless pyplot is already set up (a notebook)."""
-  if "matplotlib.pyplot" not in sys.modules:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
 def plot_test_error(root, methods, seeds, path=None, title=""):
   """Test error % vs step per method: mean over seeds, min–max band.
 
   Returns:
     The matplotlib figure (saved to `path` as PNG if given).
   """
-  plt = _plt()
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for m, (x, mean, lo, hi) in _band(root, methods, seeds, None).items():
     line, = ax.plot(x, mean, label=m)
@@ -692,7 +683,7 @@ def plot_pseudo_labels(root, methods, seeds, path=None):
   bands = {tag: _band(root, methods, seeds, tag) for tag in PSEUDO_LABEL_METRICS}
   if not any(bands.values()):
     return None
-  plt = _plt()
+  plt = report.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for ax, tag in zip(axes, PSEUDO_LABEL_METRICS):
     for i, m in enumerate(methods):
@@ -720,7 +711,7 @@ def plot_entropy(root, methods, seeds, path=None):
   bands = _band(root, methods, seeds, ENTROPY_METRIC)
   if not bands:
     return None
-  plt = _plt()
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(7, 3.8))
   for i, m in enumerate(methods):
     if m not in bands:
@@ -749,7 +740,7 @@ PLOTS = (("test_error", plot_test_error), ("pseudo_labels", plot_pseudo_labels),
 
 def write_plots(root, methods, seeds, folder, name) -> dict[str, str]:
   """Saves every plot that has data as folder/<name>_<plot>.png; {plot: path}."""
-  plt = _plt()
+  plt = report.pyplot()
   os.makedirs(folder, exist_ok=True)
   out = {}
   for plot, fn in PLOTS:

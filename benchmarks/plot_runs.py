@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from benchmarks import report
 from r2d2_jax import analysis
 from r2d2_jax.errors import R2D2Error
 
@@ -55,10 +56,7 @@ def plot(runs: dict[str, str], seeds: Sequence[int], path: str | None,
   target: a test error % drawn as a dashed line on the test panel (a paper's
   number), or None.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  if "matplotlib.pyplot" not in sys.modules:
-    matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = report.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   drawn = 0
   for ax, split in zip(axes, ("val", "test")):

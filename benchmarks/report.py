@@ -1,15 +1,25 @@
-"""Writing measured figures into docs/benchmarks.md, one marked section per script."""
+"""Writing measured figures into docs/benchmarks.md, one marked section per script; pyplot for the plots."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import sys
 
 import jax
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "docs", "benchmarks.md")
+
+
+def pyplot():
+  """matplotlib.pyplot; the Agg backend unless pyplot is already set up (a notebook)."""
+  if "matplotlib.pyplot" not in sys.modules:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
 
 
 def environment() -> str:
