@@ -151,6 +151,30 @@ def r2d2_stages(c: ml_collections.ConfigDict, *, supervised: dict,
   })
 
 
+def variant_parts(arg: str | None, allowed: tuple[str, ...]) -> list[str]:
+  """The comma-separated variants of `arg`; ValueError naming any unknown one.
+
+  `allowed` is listed in the error in its own order.
+  """
+  parts = [p for p in (arg or "").split(",") if p]
+  unknown = set(parts) - set(allowed)
+  if unknown:
+    names = " and/or ".join(repr(a) for a in allowed)
+    raise ValueError(f"Unknown variant {sorted(unknown)}; use {names}, "
+                     "comma-separated, or nothing.")
+  return parts
+
+
+def ctaugment_strong(cutout: int) -> ml_collections.ConfigDict:
+  """FixMatch's CTAugment strong view (2 ops, threshold 0.80, decay 0.99), then cutout.
+
+  google-research/fixmatch's defaults (docs/algorithms.md, "FixMatch").
+  """
+  return ml_collections.ConfigDict(dict(
+      policy="ctaugment", num_ops=2, threshold=0.80, decay=0.99,
+      cutout=cutout))
+
+
 def merged(defaults: dict, overrides: dict) -> dict:
   """`defaults` updated by `overrides`, nested dicts merged key by key."""
   out = dict(defaults)

@@ -86,8 +86,7 @@ def get_config(arg: str | None = None):
   c.data.augment.strong.update(policy="fixmatch", num_ops=2, magnitude=10,
                                cutout=16)
   if cta:
-    c.data.augment.strong = ml_collections.ConfigDict(dict(
-        policy="ctaugment", num_ops=2, threshold=0.80, decay=0.99, cutout=16))
+    c.data.augment.strong = common.ctaugment_strong(cutout=16)
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4,
       decay_mask="kernels", grad_clip_norm=0.0,

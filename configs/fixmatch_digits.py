@@ -24,8 +24,6 @@ probe of the labeled batch; then the same 4 px cutout):
 `--config configs/fixmatch_digits.py:cta` (`cta,runlocal` for a smoke run).
 """
 
-import ml_collections
-
 from configs import common
 from r2d2_jax.methods import fixmatch
 
@@ -47,14 +45,9 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 100
   c.eval_every_steps = 80     # 25 evaluations
   c.checkpoint_every_steps = 1000
-  parts = [p for p in (arg or "").split(",") if p]
-  unknown = set(parts) - {"runlocal", "cta"}
-  if unknown:
-    raise ValueError(f"Unknown variant {sorted(unknown)}; use 'runlocal' "
-                     "and/or 'cta', comma-separated, or nothing.")
+  parts = common.variant_parts(arg, ("runlocal", "cta"))
   if "cta" in parts:
-    c.data.augment.strong = ml_collections.ConfigDict(dict(
-        policy="ctaugment", num_ops=2, threshold=0.80, decay=0.99, cutout=4))
+    c.data.augment.strong = common.ctaugment_strong(cutout=4)
   if "runlocal" in parts:
     c.total_steps = 6
     c.log_every_steps = 2

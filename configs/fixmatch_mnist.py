@@ -23,8 +23,6 @@ reference's default strong view, CTAugment (2 ops, threshold 0.80, decay
 `--config configs/fixmatch_mnist.py:cta` (`cta,runlocal` for a smoke run).
 """
 
-import ml_collections
-
 from configs import common
 from r2d2_jax.methods import fixmatch
 
@@ -49,15 +47,9 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 200
   c.eval_every_steps = 250    # 24 evaluations
   c.checkpoint_every_steps = 1000
-  parts = [p for p in (arg or "").split(",") if p]
-  unknown = set(parts) - {"runlocal", "cta"}
-  if unknown:
-    raise ValueError(f"Unknown variant {sorted(unknown)}; use 'runlocal' "
-                     "and/or 'cta', comma-separated, or nothing.")
+  parts = common.variant_parts(arg, ("runlocal", "cta"))
   if "cta" in parts:
-    c.data.augment.strong = ml_collections.ConfigDict(dict(
-        policy="ctaugment", num_ops=2, threshold=0.80, decay=0.99,
-        cutout=c.data.augment.strong.cutout))
+    c.data.augment.strong = common.ctaugment_strong(cutout=c.data.augment.strong.cutout)
   if "runlocal" in parts:
     c.total_steps = 6
     c.log_every_steps = 2
