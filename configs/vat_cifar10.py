@@ -7,7 +7,8 @@ paper", vat_tf issue #3; VAT+EntMin 10.55 % in the paper):
 `--num_epochs=500 --epoch_decay_start=460 --aug_flip=True --aug_trans=True
 --epsilon=8.0 --method=vatent`, with `train_semisup.py`'s defaults: 32
 labeled + 128 unlabeled images per step, 400 steps an "epoch" (200k steps),
-Adam lr 0.001 (β1 0.9), the lr decayed linearly to 0 over the last 40 epochs
+Adam lr 0.001 (β1 0.9, then 0.5 from the first decay epoch on: `mom1`,
+`mom2`), the lr decayed linearly to 0 over the last 40 epochs
 (per epoch: lr · (500 − ep) / 40), `vat.py`'s ξ = 1e-6 and one power
 iteration, VAT and entropy weights 1, no weight decay, no EMA (the raw network
 is evaluated). `cnn.py`'s ConvLarge: 3×conv128, max-pool, dropout 0.5, 3×conv256,
@@ -24,8 +25,9 @@ Differences from vat_tf (also in docs/algorithms.md):
   ZCA); ε = 8 is vat_tf's value in ZCA units, kept as the reference's number:
   in these units it is a different size, to be chosen again on the validation
   split (`data.num_val`) before comparing;
-- Adam's β1 stays 0.9 in the decay phase (vat_tf sets 0.5 there;
-  `optim.make_optimizer` has no β1 schedule);
+- Adam's bias correction with β1 = 0.5 reads 1 − 0.5^t (TF's: 1 − 0.9^k·0.5^j,
+  the product of the β1s fed): both are 1 in float32 at the switch (step
+  184 000);
 - initialisation: He-normal fan-out convolutions and flax's default dense init
   (vat_tf: He fan-in truncated normal everywhere);
 - the BatchNorm running variance is the biased batch variance (vat_tf
@@ -58,6 +60,13 @@ def linear_decay(c: ml_collections.ConfigDict, *, epochs: int,
       boundaries=tuple(ep * steps_per_epoch for ep in eps),
       scales=tuple((epochs - ep) / (epochs - ep + 1) for ep in eps)))
   c.total_steps = epochs * steps_per_epoch
+
+
+def decay_b1(c: ml_collections.ConfigDict, *, decay_start_epoch: int,
+             steps_per_epoch: int, b1: float = 0.5) -> None:
+  """vat_tf's momentum switch: Adam's β1 = `b1` (`mom2`) from the first decay epoch."""
+  c.optimizer.b1_schedule = ml_collections.ConfigDict(dict(
+      boundaries=(decay_start_epoch * steps_per_epoch,), values=(b1,)))
 
 
 def adam(c: ml_collections.ConfigDict, lr: float) -> None:
@@ -94,6 +103,7 @@ def get_config(arg: str | None = None):
                              pad_fill=128.0)
   adam(c, lr=1e-3)
   linear_decay(c, epochs=500, decay_start_epoch=460, steps_per_epoch=400)
+  decay_b1(c, decay_start_epoch=460, steps_per_epoch=400)
   c.ema_decay = 0.0           # vat_tf evaluates the raw weights
   c.vat = vat_block(epsilon=8.0, entmin_weight=1.0)
   c.log_every_steps = 400
@@ -105,6 +115,7 @@ def get_config(arg: str | None = None):
     c.data.batch_size = 8
     c.data.num_val = 100
     linear_decay(c, epochs=4, decay_start_epoch=2, steps_per_epoch=1)
+    decay_b1(c, decay_start_epoch=2, steps_per_epoch=1)
     c.log_every_steps = 2
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 2

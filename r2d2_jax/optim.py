@@ -31,6 +31,15 @@ parameters include 'scale' (BatchNorm, LayerNorm, GroupNorm).
                   θ ← (θ + u)·(1 − wd·lr_t), lr_t the schedule's rate: the
                   MixMatch reference (google-research/mixmatch `mixmatch.py`:
                   `wd *= lr` and `v ← v·(1 − wd)` on the kernels after Adam).
+
+`b1_schedule` ('adam', 'adamw'; absent or None: β1 = `b1` throughout) makes
+Adam's β1 piecewise constant: `dict(boundaries=(s_1, ...), values=(v_1, ...))`
+sets β1 = v_i from step s_i on (`b1` before s_1). vat_tf's `train_semisup.py`
+feeds β1 = 0.5 (`mom2`) from the first decay epoch on, 0.9 (`mom1`) before.
+The moment update is m ← β1(t)·m + (1 − β1(t))·g and its bias correction
+1 − β1(t)^(t+1), optax's with β1 read at each step (TF's Adam corrects with the
+product of the β1s fed so far; both are 1 to float precision once a switch
+comes after a few hundred steps).
 """
 
 from __future__ import annotations
@@ -169,6 +178,44 @@ def make_schedule(lr: float, config: ml_collections.ConfigDict | None,
   return schedule
 
 
+def b1_schedule(b1: float, config: ml_collections.ConfigDict | None
+                ) -> float | optax.Schedule:
+  """β1 as a number (no `config`) or a piecewise-constant function of the step.
+
+  Args:
+    b1: β1 before the first boundary.
+    config: the `b1_schedule` block: boundaries (strictly increasing steps
+      ≥ 1) and values (one β1 in [0, 1) each), or None.
+
+  Raises:
+    R2D2Error: for unequal lengths, unsorted boundaries or a β1 outside [0, 1).
+  """
+  if config is None:
+    return b1
+  boundaries = [int(b) for b in config.get("boundaries", ())]
+  values = [float(v) for v in config.get("values", ())]
+  if not boundaries or len(boundaries) != len(values):
+    raise R2D2Error(
+        "optimizer.b1_schedule needs boundaries and values of one length "
+        f"(≥ 1); got {len(boundaries)} boundaries and {len(values)} values.")
+  if boundaries[0] < 1 or any(a >= b for a, b in zip(boundaries,
+                                                     boundaries[1:])):
+    raise R2D2Error(
+        "optimizer.b1_schedule.boundaries must be strictly increasing steps "
+        f"≥ 1; got {tuple(boundaries)}.")
+  bad = [v for v in [b1] + values if not 0.0 <= v < 1.0]
+  if bad:
+    raise R2D2Error(f"Adam's β1 must be in [0, 1); got {bad[0]} in "
+                    "optimizer.b1 / optimizer.b1_schedule.values.")
+  starts = jnp.asarray(boundaries, jnp.int32)
+  table = jnp.asarray([b1] + values, jnp.float32)
+
+  def schedule(step):
+    return table[jnp.sum(jnp.asarray(step, jnp.int32) >= starts)]
+
+  return schedule
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optax optimizer and its schedule from an optimizer block.
@@ -184,7 +231,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
 
   Raises:
     R2D2Error: for an unknown optimizer, schedule, decay mask or weight-decay
-      mode.
+      mode, or a `b1_schedule` that is malformed or given to 'sgd'.
   """
   name = config.get("name", "sgd")
   schedule = make_schedule(config.lr, config.get("schedule"), total_steps)
@@ -200,6 +247,15 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
         f"optimizer.weight_decay_mode={mode!r} applies to 'sgd' and 'adam'; "
         f"{name!r} decays its own way (leave the mode 'coupled').")
   coupled = wd and mode == "coupled"
+  if config.get("b1_schedule") is not None and name not in ("adam", "adamw"):
+    raise R2D2Error(
+        f"optimizer.b1_schedule is Adam's β1; optimizer {name!r} has none "
+        "(remove the block or use 'adam' / 'adamw').")
+  b1 = b1_schedule(config.get("b1", 0.9), config.get("b1_schedule"))
+  # A scheduled β1 is injected as a hyperparameter (read at each step's count).
+  adam = optax.adam if not callable(b1) else optax.inject_hyperparams(optax.adam)
+  adamw = (optax.adamw if not callable(b1)
+           else optax.inject_hyperparams(optax.adamw, static_args="mask"))
   parts = []
   if config.get("grad_clip_norm", 0.0):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
@@ -211,12 +267,10 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
   elif name == "adam":
     if coupled:
       parts.append(optax.add_decayed_weights(wd, mask=mask))
-    parts.append(optax.adam(schedule, b1=config.get("b1", 0.9),
-                            b2=config.get("b2", 0.999)))
+    parts.append(adam(schedule, b1=b1, b2=config.get("b2", 0.999)))
   elif name == "adamw":
-    parts.append(optax.adamw(schedule, b1=config.get("b1", 0.9),
-                             b2=config.get("b2", 0.999), weight_decay=wd,
-                             mask=mask))
+    parts.append(adamw(schedule, b1=b1, b2=config.get("b2", 0.999),
+                       weight_decay=wd, mask=mask))
   else:
     raise unknown_name("optimizer", name, OPTIMIZERS)
   if wd and mode == "after_update":

@@ -62,6 +62,54 @@ def test_sgd_weight_decay_is_coupled_l2():
   np.testing.assert_allclose(u["w"], -0.1 * (1.0 + 0.01 * 2.0), rtol=1e-6)
 
 
+def _numpy_adam(grads, lr, betas1, b2=0.999, eps=1e-8):
+  """Adam written out: m, v, bias correction with the step's own β1."""
+  m = v = 0.0
+  out = []
+  for t, (g, b1) in enumerate(zip(grads, betas1), start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    out.append(-lr * m_hat / (np.sqrt(v_hat) + eps))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_b1_schedule_switches_beta1_at_the_boundary(name):
+  # vat_tf feeds β1 = 0.9 before the decay and 0.5 from its first step on.
+  cfg = ml_collections.ConfigDict(dict(
+      name=name, lr=0.1, b1=0.9, b2=0.999, weight_decay=0.0,
+      b1_schedule=dict(boundaries=(3, 5), values=(0.5, 0.2))))
+  tx, _ = optim.make_optimizer(cfg, 10)
+  grads = [1.0, -2.0, 0.5, 3.0, -1.0, 2.0, 0.25]
+  p = {"w": jnp.array([0.0])}
+  state = tx.init(p)
+  got = []
+  for g in grads:
+    u, state = tx.update({"w": jnp.array([g])}, state, p)
+    got.append(float(u["w"][0]))
+  betas = [0.9, 0.9, 0.9, 0.5, 0.5, 0.2, 0.2]
+  np.testing.assert_allclose(got, _numpy_adam(grads, 0.1, betas), rtol=1e-5)
+  # ... and differs from a constant β1 from the switch on.
+  const = _numpy_adam(grads, 0.1, [0.9] * 7)
+  np.testing.assert_allclose(got[:3], const[:3], rtol=1e-5)
+  assert np.all(np.abs(np.array(got[3:]) - const[3:]) > 1e-3)
+
+
+def test_adam_b1_schedule_bad_input():
+  def make(name="adam", **block):
+    return optim.make_optimizer(ml_collections.ConfigDict(dict(
+        name=name, lr=0.1, b1_schedule=block)), 10)
+  with pytest.raises(R2D2Error, match="one length"):
+    make(boundaries=(3, 5), values=(0.5,))
+  with pytest.raises(R2D2Error, match="strictly increasing"):
+    make(boundaries=(5, 3), values=(0.5, 0.2))
+  with pytest.raises(R2D2Error, match=r"\[0, 1\)"):
+    make(boundaries=(3,), values=(1.0,))
+  with pytest.raises(R2D2Error, match="has none"):
+    make(name="sgd", boundaries=(3,), values=(0.5,))
+
+
 def test_losses_match_numpy():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))

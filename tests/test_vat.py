@@ -61,6 +61,7 @@ from r2d2_jax import methods
 from r2d2_jax import optim
 from r2d2_jax import sharding
 from r2d2_jax import train
+from r2d2_jax.data import interface as data_interface
 from r2d2_jax.data import sources
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods import vat
@@ -337,7 +338,7 @@ def _bad(field, value):
     ("entmin_weight", -0.5, r"entmin_weight=-0\.5 is outside \[0\.0, inf\]"),
     ("ramp_steps", -1, r"ramp_steps=-1 is outside \[0, inf\]"),
     ("epsillon", 1.0, r"unknown key\(s\) epsillon\. VatHparams has: epsilon"),
-    ("data.uratio", 0, r"config\.data\.uratio=0: VAT needs an unlabeled batch"),
+    ("data.uratio", 0, r"config\.data\.uratio=0: VAT trains on an unlabeled batch"),
     ("missing", None, r"config\.vat is missing"),
 ], ids=["epsilon", "xi", "num_iters", "num_iters_int", "weight", "entmin",
         "ramp", "unknown", "uratio", "missing"])
@@ -401,9 +402,13 @@ def test_four_devices_equal_one_without_recompiling(tmp_path, monkeypatch):
   assert float(m4[-1]["losses/xeu"]) > 0.0
 
 
-def test_resume_continues_bitwise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("b1_switch", [False, True])
+def test_resume_continues_bitwise(tmp_path, monkeypatch, b1_switch):
   monkeypatch.setitem(methods.METHODS, "vat", vat.METHOD)
   c = _tiny(total_steps=6, checkpoint_every_steps=3)
+  if b1_switch:   # vat_tf's Adam with β1 scheduled (optax hyperparams state)
+    vat_cifar10.adam(c, lr=0.01)
+    vat_cifar10.decay_b1(c, decay_start_epoch=2, steps_per_epoch=2)
   train.train_and_evaluate(c, str(tmp_path / "straight"))
   stage = train.Stage(c, str(tmp_path / "resumed"))
   stage.total_steps = 3  # stop early, as if killed after the step-3 save
@@ -430,6 +435,13 @@ def _check_vat_tf_schedule(c, lr, epochs, decay_start, per_epoch):
   for first_or_last in (0, per_epoch - 1):   # every step of an epoch
     got = np.asarray(schedule(ep * per_epoch + first_or_last))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _check_b1_switch(c, at):
+  """vat_tf feeds β1 = mom1 = 0.9 before the first decay epoch, mom2 = 0.5 from it."""
+  b1 = optim.b1_schedule(c.optimizer.b1, c.optimizer.b1_schedule)
+  np.testing.assert_allclose([b1(0), b1(at - 1), b1(at), b1(c.total_steps)],
+                             [0.9, 0.9, 0.5, 0.5])
 
 
 def _check_adam(c, lr):
@@ -478,6 +490,7 @@ def test_cifar10_config_matches_vat_tf():
       8.0, 1e-6, 1, 1.0, 1.0)
   _check_adam(c, 1e-3)
   _check_vat_tf_schedule(c, 1e-3, epochs=500, decay_start=460, per_epoch=400)
+  _check_b1_switch(c, at=460 * 400)                 # mom2 from epoch 460
   assert c.ema_decay == 0.0
 
 
@@ -522,6 +535,25 @@ def test_mnist_baseline_variants_share_the_setting():
   methods.get_method("pseudo_label").hparams(vat_mnist.get_config("pseudo_label"))
   small = vat_mnist.get_config("pseudo_label,runlocal")
   assert small.total_steps <= 6 and small.method == "pseudo_label"
+
+
+def test_mnist_ablation_variants_change_one_thing():
+  """:b1_decay is vat_tf's β1 switch, :batch100 takerum/vat's 100 + 250 batch."""
+  base = vat_mnist.get_config()
+  assert base.optimizer.get("b1_schedule") is None   # the 3-seed table's setting
+  c = vat_mnist.get_config("b1_decay")
+  _check_b1_switch(c, at=80 * 400)
+  d = c.to_dict()
+  del d["optimizer"]["b1_schedule"]
+  assert d == base.to_dict()
+  c = vat_mnist.get_config("batch100")
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  assert data_interface.batch_sizes(c.data, mesh) == (100, 250)
+  d = c.to_dict()
+  d["data"].update(batch_size=64, uratio=4)
+  assert d == base.to_dict()
+  small = vat_mnist.get_config("b1_decay,batch100,runlocal")
+  _check_b1_switch(small, at=3)
 
 
 @pytest.mark.parametrize("top_bn", [False, True])

@@ -32,7 +32,7 @@ from r2d2_jax import losses
 from r2d2_jax import meta
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.methods.base import (Method, Network, check_range,
-                                   one_network_step, parse_block,
+                                   check_uratio, one_network_step, parse_block,
                                    pseudo_label_monitors, register)
 from r2d2_jax.state import TrainState
 
@@ -74,14 +74,11 @@ class VatHparams:
 
 
 def hparams(config) -> VatHparams:
-  """`config.vat` as `VatHparams`; VAT needs unlabeled data (data.uratio ≥ 1)."""
+  """`config.vat` as `VatHparams`; VAT needs an unlabeled batch (data.uratio > 0)."""
   if config.get("vat") is None:
     raise R2D2Error("config.vat is missing; it needs at least epsilon "
                     "(configs/vat_digits.py).")
-  uratio = config.data.get("uratio", 0)
-  if not isinstance(uratio, int) or uratio < 1:
-    raise R2D2Error(f"config.data.uratio={uratio!r}: VAT needs an unlabeled "
-                    "batch; use an integer ≥ 1.")
+  check_uratio(config, "VAT")
   return parse_block(VatHparams, config.vat, "config.vat",
                      label_smoothing=config.get("label_smoothing"))
 
