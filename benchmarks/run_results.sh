@@ -88,6 +88,17 @@ stream3() {
       --config "configs/vat_mnist.py$v" --root "$ROOT/$n" "${M[@]}" --name "$n" \
       --title "PI-MNIST, 100 labels: configs/vat_mnist.py$v (VAT's TPAMI setting)"
   done
+  # One-change ablations of the reproduction (seed 0, beside VAT's seed 0).
+  for v in b1_decay batch100; do
+    n="vat_mnist_$v"
+    kept "$n" python -m benchmarks.results --seeds 0 --write \
+      --config "configs/vat_mnist.py:$v" --root "$ROOT/$n" "${M[@]}" --name "$n" \
+      --title "PI-MNIST, 100 labels: ablation configs/vat_mnist.py:$v (seed 0)"
+  done
+  python -m benchmarks.plot_runs --seeds 0 --runs "vat=$ROOT/vat_mnist" \
+    "b1_decay=$ROOT/vat_mnist_b1_decay" "batch100=$ROOT/vat_mnist_batch100" \
+    --target 1.36 --target-label "VAT, TPAMI 2018" \
+    --out docs/figures/vat_mnist_ablations.png
   # The reproduction's learning curves and its BatchNorm-statistics diagnostic.
   python -m benchmarks.plot_runs --seeds 0 1 2 --runs "vat=$ROOT/vat_mnist" \
     "pseudo_label=$ROOT/vat_mnist_pseudo_label" \
@@ -106,6 +117,17 @@ stream3() {
     --methods supervised pseudo_label pi_model mean_teacher vat r2d2 mpl \
     semimeta --steps 6000 --seeds 0 1 2 --root "$ROOT/compare_mnist_pi" \
     "${M[@]}" --write
+  # Table (b): long on 2 cores, so one method at a time, each kept in
+  # docs/runs as soon as it finishes; the last call reads them all back.
+  local cnn=(supervised pseudo_label pi_model temporal_ensembling mean_teacher
+             vat mixmatch uda fixmatch fixmatch_cta flexmatch freematch
+             softmatch adamatch noisy_student r2d2 mpl semimeta)
+  local c=(python -m benchmarks.compare --setting mnist_cnn --steps 2000
+           --seeds 0 1 2 --root "$ROOT/compare_mnist_cnn" "${M[@]}")
+  for m in "${cnn[@]}"; do
+    kept compare_mnist_cnn "${c[@]}" --methods "$m"
+  done
+  kept compare_mnist_cnn "${c[@]}" --methods "${cnn[@]}" --write
 }
 
 for s in ${STREAMS:-1 2}; do
