@@ -20,15 +20,16 @@ error, eval mode) with
   their batch's statistics), with the network's train-time noise off; the
   mean is the average of the batch means and the variance the pool's
   (average of batch variance + squared batch mean, minus the squared mean),
-  each weighted by the batch's size. `unlabeled` is every train row outside
+  each weighted by the batch's size (`r2d2_jax/bn_stats.py`). `unlabeled` is every train row outside
   the validation split (the pool VAT draws its unlabeled batches from when
   `data.unlabeled='all'`).
 
 The validation error is printed beside the test error so that a choice among
 the rows is made on validation; the test column is only reported. The model
-must have a `bn_momentum` attribute that all its BatchNorm layers use (the
-MLP and the CNNs of `r2d2_jax/models` do); the statistics are read by setting
-it to 0 (a layer's running average becomes its batch's statistics).
+must have a `bn_momentum` attribute that all its BatchNorm layers use (see
+`r2d2_jax/bn_stats.py`). A run trained with `eval_bn_stats='unlabeled'`
+already evaluated with the `unlabeled` statistics at every evaluation; its
+checkpoints still hold the trained running averages.
 """
 
 from __future__ import annotations
@@ -40,77 +41,15 @@ import os
 import sys
 from typing import Sequence
 
-import flax
-from flax import traverse_util
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r2d2_jax import bn_stats
 from r2d2_jax import inference
 from r2d2_jax.data import sources
 from r2d2_jax.errors import R2D2Error
 
 POOLS = ("trained", "labeled", "unlabeled")
-
-
-def _stats_model(model):
-  """The model with BN momentum 0 and train-time noise off; error if it has none."""
-  if not hasattr(model, "bn_momentum"):
-    raise R2D2Error(
-        f"{type(model).__name__} has no `bn_momentum` attribute: this "
-        "diagnostic reads BatchNorm statistics through it.")
-  updates = dict(bn_momentum=0.0)
-  if getattr(model, "noise_std", 0.0):
-    updates["noise_std"] = 0.0
-  return model.clone(**updates)
-
-
-def population_stats(model, variables: dict, images: np.ndarray,
-                     batch: int) -> dict:
-  """Every BatchNorm layer's mean and variance over `images` (normalised floats).
-
-  Args:
-    model: the Flax module (`bn_momentum` attribute; see the module docstring).
-    variables: its variables ({'params', 'batch_stats'}).
-    images: float inputs [N, ...] in the order the batches take them.
-    batch: images per train-mode forward.
-
-  Returns:
-    A `batch_stats` tree of the same structure as `variables['batch_stats']`.
-  """
-  stats_model = _stats_model(model)
-  rngs = {n: jax.random.PRNGKey(0)
-          for n in getattr(model, "rng_names", ("dropout",))}
-
-  @jax.jit
-  def batch_stats(x):
-    _, new = stats_model.apply(variables, x, train=True, rngs=rngs,
-                               mutable=["batch_stats"])
-    return new["batch_stats"]
-
-  # Per layer: the sums over batches of n · mean and n · (var + mean²).
-  sums: dict[tuple[str, ...], np.ndarray] = {}
-  total = 0
-  for start in range(0, len(images), batch):
-    x = jnp.asarray(images[start:start + batch])
-    n = x.shape[0]
-    flat = traverse_util.flatten_dict(flax.core.unfreeze(batch_stats(x)))
-    for path, value in flat.items():
-      value = np.asarray(value, np.float64)
-      if path[-1] == "var":
-        value = value + np.asarray(flat[path[:-1] + ("mean",)], np.float64) ** 2
-      sums[path] = sums.get(path, 0.0) + n * value
-    total += n
-  if not total:
-    raise R2D2Error("population_stats: no images.")
-  out = {}
-  for path, value in sums.items():
-    if path[-1] == "mean":
-      mean = value / total
-      var = np.maximum(sums[path[:-1] + ("var",)] / total - mean ** 2, 0.0)
-      out[path] = jnp.asarray(mean, jnp.float32)
-      out[path[:-1] + ("var",)] = jnp.asarray(var, jnp.float32)
-  return traverse_util.unflatten_dict(out)
 
 
 def error(predictor: inference.Predictor, images: np.ndarray,
@@ -165,7 +104,7 @@ def run(argv: Sequence[str]) -> str:
     for pool in POOLS:
       net = pred
       if pool != "trained":
-        stats = population_stats(pred.net.model, pred.variables, inputs[pool],
+        stats = bn_stats.population_stats(pred.net.model, pred.variables, inputs[pool],
                                  batch)
         net = dataclasses.replace(
             pred, variables=dict(pred.variables, batch_stats=stats))

@@ -60,6 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_epochs = 0.0
   c.log_every_steps = 100
   c.eval_every_steps = 0      # 0: at the end only
+  # BatchNorm statistics at evaluation: 'trained' (the running averages) or
+  # 'unlabeled' (re-estimated on the unlabeled pool at every evaluation, in
+  # full batches of eval_bn_batch_size, 0: the unlabeled batch size; the state
+  # keeps the running averages). docs/algorithms.md, "Evaluation".
+  c.eval_bn_stats = "trained"
+  c.eval_bn_batch_size = 0
   c.checkpoint_every_steps = 500
   c.checkpoint_keep = 2
   # Also keep the state at the best validation accuracy (WORKDIR/best_checkpoint).

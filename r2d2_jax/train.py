@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from r2d2_jax import bn_stats
 from r2d2_jax import checkpoint as ckpt_lib
 from r2d2_jax import losses
 from r2d2_jax import metrics as metrics_lib
@@ -233,13 +234,13 @@ class Stage:
 
     top5 = info.num_classes > 5
 
-    def eval_step(state, batch):
+    def eval_step(networks, batch):
       # Sums over the batch's real rows; `evaluate` divides by their count.
       x = normalize(batch["image"], info)
       mask = batch["mask"].astype(jnp.float32)
       label = batch["label"]
       out = {"count": jnp.sum(mask)}
-      for name, variables in method.eval_variables(state).items():
+      for name, variables in networks.items():
         logits = net.apply_eval(variables, x)
         correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32)
         out[f"accuracy/{name}"] = jnp.sum(correct * mask)
@@ -253,28 +254,83 @@ class Stage:
 
     self._eval_step = jax.jit(eval_step, out_shardings=repl)
 
+    # Which BatchNorm statistics the evaluations use (docs/algorithms.md).
+    self.eval_bn_stats = config.get("eval_bn_stats", "trained") or "trained"
+    if self.eval_bn_stats not in ("trained", "unlabeled"):
+      raise R2D2Error(
+          f"eval_bn_stats={self.eval_bn_stats!r}: use 'trained' (the running "
+          "averages kept in training) or 'unlabeled' (re-estimated on the "
+          "unlabeled pool at every evaluation).")
+    if self.eval_bn_stats == "unlabeled":
+      if not hasattr(self.pipeline, "pool_batches"):
+        raise R2D2Error(
+            "eval_bn_stats='unlabeled' needs an in-memory dataset (its "
+            f"pipeline, {type(self.pipeline).__name__}, cannot re-read the "
+            "unlabeled pool).")
+      self.eval_bn_batch_size = int(
+          config.get("eval_bn_batch_size", 0) or
+          self.pipeline.unlabeled_batch_size or self.pipeline.batch_size)
+      stats_fn = bn_stats.batch_stats_fn(model)
+      self._bn_stats_step = jax.jit(
+          lambda variables, batch: stats_fn(
+              variables, normalize(batch["image"], info)),
+          out_shardings=repl)
+
   # -- state ----------------------------------------------------------------
 
   def init_state(self) -> PyTree:
     """A fresh state, created directly on its shardings."""
     return self._init(self._init_key)
 
-  def evaluate(self, state: PyTree, split: str = "test") -> dict[str, float]:
+  def eval_networks(self, state: PyTree) -> dict[str, PyTree]:
+    """The method's `eval_variables`, with BN statistics per `eval_bn_stats`.
+
+    With 'unlabeled', each network's `batch_stats` are replaced by its
+    population statistics over the unlabeled pool (`bn_stats`; a fixed
+    shuffle seeded by the config's seed, in full batches of
+    `eval_bn_batch_size`, default the unlabeled batch). The state is not
+    changed: training and checkpoints keep the running averages.
+    """
+    networks = self.method.eval_variables(state)
+    if self.eval_bn_stats == "trained":
+      return networks
+    out = {}
+    for name, variables in networks.items():
+      if "batch_stats" not in variables:
+        raise R2D2Error(
+            f"eval_bn_stats='unlabeled': network {name!r} has no BatchNorm "
+            "statistics.")
+      per_batch = (
+          (self.eval_bn_batch_size, self._bn_stats_step(variables, batch))
+          for batch in self.pipeline.pool_batches(
+              "unlabeled", self.eval_bn_batch_size, self.config.seed))
+      stats = bn_stats.combine(per_batch)
+      out[name] = dict(variables, batch_stats=jax.device_put(
+          stats, sharding.replicated(self.mesh)))
+    return out
+
+  def evaluate(self, state: PyTree, split: str = "test",
+               networks: dict[str, PyTree] | None = None
+               ) -> dict[str, float]:
     """Top-1, top-5 and CE of each evaluated network over a whole split, once.
 
     Args:
       state: the train state.
       split: 'test', 'val' (the validation rows of the train split) or 'train'.
+      networks: `eval_networks(state)` when already computed (default: from
+        `state`).
 
     Returns:
       {'accuracy/SPLIT/NAME', 'top5/SPLIT/NAME' (more than 5 classes only),
       'losses/eval_xe/SPLIT/NAME'} for each NAME of the method's
       `eval_variables` (raw, ema; MPL's teacher).
     """
+    if networks is None:
+      networks = self.eval_networks(state)
     sums: dict[str, float] = {}
     for batch in self.pipeline.eval_batches(
         split, self.config.data.get("eval_batch_size", 500)):
-      for k, v in jax.device_get(self._eval_step(state, batch)).items():
+      for k, v in jax.device_get(self._eval_step(networks, batch)).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     count = sums.pop("count")
     out = {}
@@ -290,9 +346,10 @@ class Stage:
 
   def evaluate_all(self, state: PyTree) -> dict[str, float]:
     """`evaluate` on every split of `eval_splits`, in one dict."""
+    networks = self.eval_networks(state)
     out = {}
     for split in self.eval_splits:
-      out.update(self.evaluate(state, split))
+      out.update(self.evaluate(state, split, networks))
     return out
 
   # -- the loop -------------------------------------------------------------

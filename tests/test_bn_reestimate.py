@@ -1,10 +1,11 @@
-"""benchmarks.bn_reestimate: population BatchNorm statistics, by hand in numpy."""
+"""r2d2_jax.bn_stats and benchmarks.bn_reestimate: population BatchNorm statistics, by hand in numpy."""
 
 import jax
 import numpy as np
 import pytest
 
 from benchmarks import bn_reestimate
+from r2d2_jax import bn_stats
 from r2d2_jax.errors import R2D2Error
 from r2d2_jax.models import mlp
 
@@ -42,7 +43,7 @@ def test_population_stats_are_the_pool_statistics(noise_std):
                                                    np.float32),
                                     bias=np.array([0.1, -0.2, 0.3, 0.0],
                                                   np.float32))
-  stats = bn_reestimate.population_stats(model, variables, x, batch=6)
+  stats = bn_stats.population_stats(model, variables, x, batch=6)
   want = _numpy_stats(variables, x, 6, eps=1e-5)   # batches of 6 and 4
   for layer, (mean, var) in want.items():
     np.testing.assert_allclose(stats[layer]["mean"], mean, rtol=1e-5,
@@ -60,4 +61,4 @@ def test_pools_and_errors():
     pass
 
   with pytest.raises(R2D2Error, match="no `bn_momentum`"):
-    bn_reestimate._stats_model(NoBN())  # pylint: disable=protected-access
+    bn_stats.stats_model(NoBN())

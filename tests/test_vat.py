@@ -554,6 +554,13 @@ def test_mnist_ablation_variants_change_one_thing():
   assert d == base.to_dict()
   small = vat_mnist.get_config("b1_decay,batch100,runlocal")
   _check_b1_switch(small, at=3)
+  # :bn_unlabeled changes the evaluations only.
+  assert base.eval_bn_stats == "trained"
+  d = vat_mnist.get_config("bn_unlabeled").to_dict()
+  assert d.pop("eval_bn_stats") == "unlabeled"
+  base_d = base.to_dict()
+  base_d.pop("eval_bn_stats")
+  assert d == base_d
 
 
 @pytest.mark.parametrize("top_bn", [False, True])
