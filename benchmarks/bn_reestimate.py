@@ -28,8 +28,9 @@ The validation error is printed beside the test error so that a choice among
 the rows is made on validation; the test column is only reported. The model
 must have a `bn_momentum` attribute that all its BatchNorm layers use (see
 `r2d2_jax/bn_stats.py`). A run trained with `eval_bn_stats='unlabeled'`
-already evaluated with the `unlabeled` statistics at every evaluation; its
-checkpoints still hold the trained running averages.
+already evaluated with the `unlabeled` statistics at every evaluation (its
+checkpoints hold the running averages, and the re-estimate in their
+metadata); `trained` here reads the running averages.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def run(argv: Sequence[str]) -> str:
                     "folder (the one holding split.json and checkpoints/).")
   with open(split_path) as f:
     split = json.load(f)
-  preds = [inference.load(args.workdir, which=which, variables=args.variables)
+  preds = [inference.load(args.workdir, which=which, variables=args.variables,
+                          bn_stats="trained")
            for which in args.weights]
   config, info = preds[0].config, preds[0].info
   data = sources.load_in_memory(config.data.dataset, args.data_dir,

@@ -45,6 +45,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -65,6 +66,7 @@ PyTree = Any
 
 CONFIG_FILE = paths_lib.CONFIG_FILE
 BEST_CHECKPOINT = paths_lib.BEST_CHECKPOINT
+BN_META = paths_lib.BN_META
 WEIGHTS = ("final", "best")
 
 # Class names of the datasets whose names are fixed facts (tensorflow-datasets'
@@ -104,6 +106,9 @@ class Predictor:
       evaluation history, or None when it has none.
     checkpoint_dir: the checkpoint folder it came from.
     batch_size: images per compiled call (config.data.eval_batch_size).
+    bn_stats: 'trained' (the running averages of the checkpoint) or
+      'unlabeled' (the statistics re-estimated on the unlabeled pool that the
+      run's evaluation at this step used; `eval_bn_stats`).
   """
   info: sources.DatasetInfo
   class_names: tuple[str, ...] | None
@@ -118,6 +123,7 @@ class Predictor:
   val_accuracy: float | None
   checkpoint_dir: str
   batch_size: int = 500
+  bn_stats: str = "trained"
 
   def __post_init__(self):
     info, net = self.info, self.net
@@ -207,7 +213,8 @@ class Predictor:
     unfinished = ("" if self.step >= self.total_steps else
                   f" (unfinished: the stage runs to {self.total_steps})")
     return (f"{where}, step {self.step}{unfinished}, weights={self.weights}, "
-            f"variables={self.variables_name}{acc}; {self.checkpoint_dir}")
+            f"variables={self.variables_name}, BN statistics={self.bn_stats}"
+            f"{acc}; {self.checkpoint_dir}")
 
 
 # ---------------------------------------------------------------------------
@@ -216,7 +223,8 @@ class Predictor:
 
 def load(workdir: str, stage: str | None = None, which: str = "final",
          variables: str = "ema",
-         config: ml_collections.ConfigDict | str | None = None) -> Predictor:
+         config: ml_collections.ConfigDict | str | None = None,
+         bn_stats: str | None = None) -> Predictor:
   """Loads the network of one checkpoint of a run for prediction.
 
   Args:
@@ -230,6 +238,11 @@ def load(workdir: str, stage: str | None = None, which: str = "final",
       'teacher', ...).
     config: the run's config (a `ConfigDict`, or a config file path
       'configs/NAME.py[:variant]'); default: `WORKDIR/config.json`.
+    bn_stats: the BatchNorm statistics to predict with: 'trained' (the
+      checkpoint's running averages) or 'unlabeled' (those the run's
+      evaluation at the checkpoint's step re-estimated, saved in its
+      metadata; only runs with `eval_bn_stats='unlabeled'`); default: the
+      run's `eval_bn_stats`, so that predictions reproduce its evaluation.
 
   Returns:
     A `Predictor`.
@@ -239,6 +252,9 @@ def load(workdir: str, stage: str | None = None, which: str = "final",
       lists the stages), no config, no validation accuracy for 'best', an
       unknown `variables` name, or a checkpoint that does not fit the config.
   """
+  if bn_stats not in (None, "trained", "unlabeled"):
+    raise R2D2Error(f"bn_stats={bn_stats!r}: choose 'trained' (the running "
+                    "averages) or 'unlabeled' (re-estimated at evaluation).")
   if which not in WEIGHTS:
     raise R2D2Error(f"weights={which!r}: choose 'final' (the newest kept "
                     "checkpoint) or 'best' (the kept checkpoint with the best "
@@ -296,7 +312,7 @@ def load(workdir: str, stage: str | None = None, which: str = "final",
                                    stage_dir)
     meta = manager.restore(step, args=_composite(meta=True)).meta
     predictor = _build(cfg, manager, step, meta, variables, stage_name,
-                       which, val_acc, ckpt_dir)
+                       which, val_acc, ckpt_dir, bn_stats)
   finally:
     manager.close()
   return predictor
@@ -386,7 +402,8 @@ def dataset_info(config: ml_collections.ConfigDict) -> sources.DatasetInfo:
 
 def _build(cfg: ml_collections.ConfigDict, manager, step: int,
            meta: dict[str, Any], variables: str, stage_name: str, which: str,
-           val_acc: float | None, ckpt_dir: str) -> Predictor:
+           val_acc: float | None, ckpt_dir: str,
+           bn_stats: str | None = None) -> Predictor:
   """Rebuilds the stage's network and restores checkpoint `step` into it."""
   info = dataset_info(cfg)
   method = get_method(cfg.method)
@@ -427,12 +444,27 @@ def _build(cfg: ml_collections.ConfigDict, manager, step: int,
     raise R2D2Error(
         f"variables={variables!r}: method {cfg.method!r} evaluates "
         f"{sorted(networks)}; choose one of them.")
+  chosen = networks[variables]
+  bn_stats = bn_stats or cfg.get("eval_bn_stats", "trained") or "trained"
+  if bn_stats == "unlabeled":
+    saved = (meta.get(BN_META) or {}).get(variables)
+    if saved is None:
+      raise R2D2Error(
+          f"The checkpoint at step {step} in {ckpt_dir} has no re-estimated "
+          f"BatchNorm statistics for {variables!r}: only checkpoints saved at "
+          "an evaluation step of a run with eval_bn_stats='unlabeled' have "
+          "them (the best checkpoint and the last step's). Load one of "
+          "those, or pass bn_stats='trained' (--bn_stats=trained) for the "
+          "running averages.")
+    chosen = dict(chosen, batch_stats=traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, jnp.float32) for k, v in saved.items()}, sep="/"))
   return Predictor(
       info=info, class_names=class_names(cfg, info),
-      variables=networks[variables], variables_name=variables, net=net,
+      variables=chosen, variables_name=variables, net=net,
       config=cfg, stage=stage_name, step=step, total_steps=total_steps,
       weights=which, val_accuracy=val_acc, checkpoint_dir=ckpt_dir,
-      batch_size=int(cfg.data.get("eval_batch_size", 500) or 500))
+      batch_size=int(cfg.data.get("eval_batch_size", 500) or 500),
+      bn_stats=bn_stats)
 
 
 def _key_name(k: Any) -> str:

@@ -31,6 +31,9 @@ from r2d2_jax.errors import R2D2Error
 # the run's config (WORKDIR/config.json) and a stage's best-validation state.
 CONFIG_FILE = "config.json"
 BEST_CHECKPOINT = "best_checkpoint"
+# Checkpoint metadata key: the BN statistics an evaluation used
+# (`eval_bn_stats='unlabeled'`; r2d2_jax/train.py, r2d2_jax/inference.py).
+BN_META = "eval_bn_stats"
 
 # URL schemes a workdir may use, and the fsspec package each needs. Orbax's
 # tensorstore driver supports Cloud Storage only among the cloud stores.

@@ -41,6 +41,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  "checkpoint with the best validation accuracy.")
   p.add_argument("--variables", default="ema",
                  help="Which evaluated network: ema, raw (MPL also teacher).")
+  p.add_argument("--bn_stats", default=None, choices=("trained", "unlabeled"),
+                 help="BatchNorm statistics: the checkpoint's running "
+                 "averages, or those re-estimated on the unlabeled pool at "
+                 "the run's evaluation (default: the run's eval_bn_stats)")
   p.add_argument("--config", default=None,
                  help="The config the run was trained with, "
                  "configs/NAME.py[:variant] (default: WORKDIR/config.json).")
@@ -129,7 +133,7 @@ def run(argv: Sequence[str]) -> int:
                                args.overrides)
     predictor = inference.load(args.workdir, stage=args.stage,
                                which=args.weights, variables=args.variables,
-                               config=config)
+                               config=config, bn_stats=args.bn_stats)
     print(f"Predicting {len(paths)} images with {predictor.describe()}.",
           file=sys.stderr)
     images = inference.load_images(paths, predictor)

@@ -19,9 +19,12 @@ import threading
 import time
 from typing import Any
 
+import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from r2d2_jax import bn_stats
@@ -309,6 +312,21 @@ class Stage:
           stats, sharding.replicated(self.mesh)))
     return out
 
+  def _bn_meta(self, networks: dict[str, PyTree]) -> dict[str, Any]:
+    """{'eval_bn_stats': {name: {'layer/…/mean': [...], ...}}}, or {} ('trained').
+
+    The statistics an evaluation used, as checkpoint metadata (JSON): float32
+    values round-trip exactly through Python floats.
+    """
+    if self.eval_bn_stats == "trained":
+      return {}
+    return {BN_META: {
+        name: {k: np.asarray(v, np.float32).tolist() for k, v in
+               traverse_util.flatten_dict(
+                   flax.core.unfreeze(jax.device_get(variables["batch_stats"])),
+                   sep="/").items()}
+        for name, variables in networks.items()}}
+
   def evaluate(self, state: PyTree, split: str = "test",
                networks: dict[str, PyTree] | None = None
                ) -> dict[str, float]:
@@ -344,9 +362,12 @@ class Stage:
     """What each evaluation covers: 'test', and 'val' when data.num_val > 0."""
     return tuple(getattr(self.pipeline, "eval_splits", ("test",)))
 
-  def evaluate_all(self, state: PyTree) -> dict[str, float]:
+  def evaluate_all(self, state: PyTree,
+                   networks: dict[str, PyTree] | None = None
+                   ) -> dict[str, float]:
     """`evaluate` on every split of `eval_splits`, in one dict."""
-    networks = self.eval_networks(state)
+    if networks is None:
+      networks = self.eval_networks(state)
     out = {}
     for split in self.eval_splits:
       out.update(self.evaluate(state, split, networks))
@@ -442,11 +463,16 @@ class Stage:
         averager.add(m)
         pending = None
 
+    # The re-estimated BN statistics of the last evaluation (eval_bn_stats
+    # 'unlabeled'): saved with a checkpoint of that step, for `inference`.
+    bn_meta: tuple[int, dict] = (-1, {})
+
     def save(step):
       ckpt.save(step, state, {
           "step": step, "total_steps": total, "stage": stage_name,
           "final_metrics": final if step == total else None,
-          "time": time.time()})
+          "time": time.time(),
+          **(bn_meta[1] if bn_meta[0] == step else {})})
 
     batches = self.pipeline.iterate(start, self.streams)
     final = {}
@@ -467,9 +493,11 @@ class Stage:
           progress.log_line(step, scalars)
         if step % eval_every == 0 or step == total:
           flush()
-          final = self.evaluate_all(state)
+          networks = self.eval_networks(state)
+          final = self.evaluate_all(state, networks)
+          bn_meta = (step, self._bn_meta(networks))
           history.append(step, final)
-          best.offer(step, state, final, stage_name)
+          best.offer(step, state, final, stage_name, bn_meta[1])
           writer.write_scalars(step, final)
           progress.log_line(step, final)
         if step % ckpt_every == 0 or step == total:
@@ -522,8 +550,12 @@ class _BestCheckpoint:
         self.value = max(self.value, float(row[BEST_METRIC]))
 
   def offer(self, step: int, state: PyTree, metrics: dict[str, float],
-            stage_name: str) -> None:
-    """Saves `state` if its validation accuracy is the best so far (or equal)."""
+            stage_name: str, extra_meta: dict[str, Any] | None = None) -> None:
+    """Saves `state` if its validation accuracy is the best so far (or equal).
+
+    `extra_meta` goes into the checkpoint's metadata (the evaluation's
+    re-estimated BN statistics).
+    """
     if not self.enabled or BEST_METRIC not in metrics:
       return
     value = float(metrics[BEST_METRIC])
@@ -537,7 +569,8 @@ class _BestCheckpoint:
       return
     self._ckpt.save(step, state, {"step": step, "stage": stage_name,
                                   "total_steps": self.total_steps,
-                                  BEST_METRIC: value, "time": time.time()})
+                                  BEST_METRIC: value, "time": time.time(),
+                                  **(extra_meta or {})})
 
   def close(self) -> None:
     if self._ckpt is not None:
@@ -553,6 +586,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 CONFIG_FILE = paths.CONFIG_FILE
+BN_META = paths.BN_META
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

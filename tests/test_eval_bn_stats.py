@@ -6,6 +6,8 @@ normalised by its own statistics), the evaluation by a numpy eval-mode
 forward; and training must not see any of it.
 """
 
+import shutil
+
 import chex
 import jax
 import ml_collections
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from r2d2_jax import checkpoint as ckpt_lib
+from r2d2_jax import inference
 from r2d2_jax import metrics as metrics_lib
 from r2d2_jax import train
 from r2d2_jax.data.views import normalize
@@ -121,6 +124,41 @@ def test_training_is_unchanged_and_only_evaluations_differ(tmp_path):
   for a, b in zip(h_trained, h_unlabeled):
     for key in ("losses/eval_xe/val/raw", "losses/eval_xe/test/raw"):
       assert a[key] != b[key], key
+
+
+def test_predictions_reproduce_the_evaluations(tmp_path):
+  """inference.load uses the statistics the evaluation used (checkpoint meta)."""
+  c = _config(total_steps=4, eval_every_steps=2, checkpoint_every_steps=2,
+              eval_bn_stats="unlabeled")
+  c.data.num_val = 100
+  work = str(tmp_path / "run")
+  train.train_and_evaluate(c, work)
+  history = {r["step"]: r for r in metrics_lib.read_history(
+      str(tmp_path / "run" / metrics_lib.EVAL_HISTORY))}
+  test = train.Stage(c, str(tmp_path / "data")).pipeline.test
+  for which in ("final", "best"):
+    pred = inference.load(work, which=which, variables="raw")
+    assert pred.bn_stats == "unlabeled"
+    accuracy = np.mean(pred.predict(test.images) == test.labels)
+    assert accuracy == pytest.approx(
+        history[pred.step]["accuracy/test/raw"], abs=1e-6), which
+  # The running averages: a forward with the checkpoint's own statistics.
+  pred = inference.load(work, which="final", variables="raw",
+                        bn_stats="trained")
+  state, _ = ckpt_lib.restore_raw(work)
+  chex.assert_trees_all_equal(
+      jax.device_get(pred.variables["batch_stats"]),
+      jax.device_get(state["model_state"]["batch_stats"]))
+  # A checkpoint saved at a step without an evaluation has no re-estimate.
+  c2 = _config(total_steps=4, eval_every_steps=4, checkpoint_every_steps=2,
+               checkpoint_keep=3)
+  work2 = tmp_path / "run2"
+  train.train_and_evaluate(c2, str(work2))
+  shutil.rmtree(work2 / "checkpoints" / "4")
+  with pytest.raises(R2D2Error, match="no re-estimated"):
+    inference.load(str(work2), which="final", variables="raw")
+  assert inference.load(str(work2), which="final", variables="raw",
+                        bn_stats="trained").step == 2
 
 
 @pytest.mark.parametrize("overrides, match", [
