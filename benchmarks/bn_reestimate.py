@@ -20,9 +20,9 @@ error, eval mode) with
   their batch's statistics), with the network's train-time noise off; the
   mean is the average of the batch means and the variance the pool's
   (average of batch variance + squared batch mean, minus the squared mean),
-  each weighted by the batch's size (`r2d2_jax/bn_stats.py`). `unlabeled` is every train row outside
-  the validation split (the pool VAT draws its unlabeled batches from when
-  `data.unlabeled='all'`).
+  each weighted by the batch's size (`r2d2_jax/bn_stats.py`). `unlabeled` is
+  every train row outside the validation split (the pool VAT draws its
+  unlabeled batches from when `data.unlabeled='all'`).
 
 The validation error is printed beside the test error so that a choice among
 the rows is made on validation; the test column is only reported. The model
@@ -106,8 +106,8 @@ def run(argv: Sequence[str]) -> str:
     for pool in POOLS:
       net = pred
       if pool != "trained":
-        stats = bn_stats.population_stats(pred.net.model, pred.variables, inputs[pool],
-                                 batch)
+        stats = bn_stats.population_stats(pred.net.model, pred.variables,
+                                          inputs[pool], batch)
         net = dataclasses.replace(
             pred, variables=dict(pred.variables, batch_stats=stats))
       v_err = error(net, train.images[val], train.labels[val])

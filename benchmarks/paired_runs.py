@@ -18,24 +18,16 @@ is only reported: a choice among the runs is made on validation.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from benchmarks import report
 from r2d2_jax import analysis
 from r2d2_jax.errors import R2D2Error
-
-
-def best_row(history: list[dict[str, float]], weights: str) -> dict:
-  """The evaluation with the highest validation accuracy (ties: the latest)."""
-  key = f"accuracy/val/{weights}"
-  rows = [r for r in history if key in r]
-  if not rows:
-    raise R2D2Error(f"no evaluation has {key!r} (no validation split?)")
-  best = max(r[key] for r in rows)
-  return [r for r in rows if r[key] == best][-1]
 
 
 def seed_figures(root: str, seed: int, weights: str) -> dict[str, float]:
@@ -43,11 +35,17 @@ def seed_figures(root: str, seed: int, weights: str) -> dict[str, float]:
   history = analysis.eval_history(os.path.join(root, str(seed)))
   if not history:
     raise R2D2Error(f"{os.path.join(root, str(seed))} has no evaluations.")
-  row, last = best_row(history, weights), history[-1]
-  err = lambda r, split: 100.0 * (1.0 - r[f"accuracy/{split}/{weights}"])
-  return dict(step=int(row["step"]), best_val=err(row, "val"),
-              test_at_best=err(row, "test"), final_val=err(last, "val"),
-              final_test=err(last, "test"))
+  select = f"accuracy/val/{weights}"
+  # The headline's rule (`analysis.at_best`: ties go to the latest).
+  at_best = lambda key: analysis.at_best(history, select, key)
+  if math.isnan(at_best(select)):
+    raise R2D2Error(f"no evaluation has {select!r} (no validation split?)")
+  err = lambda acc: 100.0 * (1.0 - acc)
+  last = history[-1]
+  return dict(step=int(at_best("step")), best_val=err(at_best(select)),
+              test_at_best=err(at_best(f"accuracy/test/{weights}")),
+              final_val=err(last[select]),
+              final_test=err(last[f"accuracy/test/{weights}"]))
 
 
 def table(runs: dict[str, str], seeds: Sequence[int], weights: str) -> str:
@@ -85,12 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--weights", default="raw")
   args = p.parse_args(argv)
-  runs = {}
-  for item in args.runs:
-    name, eq, root = item.partition("=")
-    if not eq or not name or not root:
-      p.error(f"--runs {item!r}: write NAME=ROOT")
-    runs[name] = root
+  runs = report.named_roots(p, args.runs)
   if len(runs) < 2:
     p.error("--runs: give at least two NAME=ROOT")
   try:

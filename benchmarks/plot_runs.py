@@ -100,12 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--target-label", default="target")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
-  runs = {}
-  for item in args.runs:
-    name, eq, root = item.partition("=")
-    if not eq or not name or not root:
-      p.error(f"--runs {item!r}: write NAME=ROOT")
-    runs[name] = root
+  runs = report.named_roots(p, args.runs)
   try:
     plot(runs, args.seeds, args.out, args.weights, args.title, args.target,
          args.target_label)

@@ -46,3 +46,14 @@ def write_section(name: str, body: str, path: str = DOC) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     f.write(text)
+
+
+def named_roots(parser, items) -> dict[str, str]:
+  """`--runs NAME=ROOT ...` as {NAME: ROOT}; a malformed item is a usage error."""
+  runs = {}
+  for item in items:
+    name, eq, root = item.partition("=")
+    if not eq or not name or not root:
+      parser.error(f"--runs {item!r}: write NAME=ROOT")
+    runs[name] = root
+  return runs

@@ -158,7 +158,6 @@ class InMemoryPipeline:
           {"image": data.images[idx], "label": data.labels[idx],
            "index": idx.astype(np.int32), "mask": mask}, self.mesh)
 
-
   def pool_batches(self, pool: str, batch_size: int, seed: int
                    ) -> Iterator[Any]:
     """A fixed shuffle of a train pool in full batches (BatchNorm statistics).
