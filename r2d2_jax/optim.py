@@ -208,7 +208,7 @@ def b1_schedule(b1: float, config: ml_collections.ConfigDict | None
     raise R2D2Error(f"Adam's β1 must be in [0, 1); got {bad[0]} in "
                     "optimizer.b1 / optimizer.b1_schedule.values.")
   starts = jnp.asarray(boundaries, jnp.int32)
-  table = jnp.asarray([b1] + values, jnp.float32)
+  table = jnp.asarray([b1] + values)   # float32, or float64 under jax x64
 
   def schedule(step):
     return table[jnp.sum(jnp.asarray(step, jnp.int32) >= starts)]

@@ -17,6 +17,10 @@ tests named ran and failed, then the line was restored):
                  -> test_supervised_step, test_uda_step[tie]
   supervised   label smoothing not passed to the CE
                  -> test_supervised_step
+  optim        β1 switched one step late (`step > boundary`)
+                 -> test_supervised_steps_adam_with_a_beta1_schedule
+  optim        scheduled β1 ignored (plain Adam, β1 = 0.9 throughout)
+                 -> test_supervised_steps_adam_with_a_beta1_schedule
   r2d2         label step sign (`delta = +label_lr·n·g`)
                  -> test_r2d2_d2_step, test_r2d2_table_fixed_point_...
   r2d2         label step's factor n dropped
@@ -304,6 +308,58 @@ def test_supervised_step():
   assert_network_update(new, _Old(state), grads, ms)
   np.testing.assert_allclose(float(metrics["losses/total"]), float(value),
                              rtol=1e-12)
+
+
+def test_supervised_steps_adam_with_a_beta1_schedule():
+  """Adam with β1 switched at a boundary (vat_tf's mom1 → mom2), step by step.
+
+  The trainer's optimizer (`optim.make_optimizer`: coupled L2 on the kernels,
+  a warm-up schedule, β1 = 0.9 before step 3 and 0.5 from it) inside the real
+  `train_step`, against Adam written out: m ← β1(t)·m + (1 − β1(t))·g,
+  v ← β2·v + (1 − β2)·g², θ ← θ − lr_t·m̂/(√v̂ + ε), m̂ = m/(1 − β1(t)^(t+1)).
+  """
+  from r2d2_jax import optim  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  block = ml_collections.ConfigDict(dict(
+      name="adam", lr=0.0625, b1=0.9, b2=0.99, weight_decay=WD,
+      decay_mask="kernels", schedule=dict(name="constant", warmup_steps=2),
+      b1_schedule=dict(boundaries=(3,), values=(0.5,))))
+  tx, schedule = optim.make_optimizer(block, 10)
+  cfg = helpers.tiny_config("supervised", ema_decay=EMA)
+  ctx = helpers.StepContext(cfg, Net(), tx, schedule, image_shape=(1, D, 1),
+                            num_classes=C, total_steps=10)
+  params, model_state = random_network(rng)
+  state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                     model_state=model_state, opt_state=tx.init(params),
+                     ema_params=params, ema_model_state=model_state)
+  step = jax.jit(ctx.bind(supervised.train_step))
+  adam = {0.5: (params, jax.tree.map(jnp.zeros_like, params),   # scheduled
+                jax.tree.map(jnp.zeros_like, params)),
+          0.9: (params, jax.tree.map(jnp.zeros_like, params),   # β1 = 0.9 always
+                jax.tree.map(jnp.zeros_like, params))}
+  for t in range(6):
+    x, y = x_of(rng, 8), y_of(rng, 8)
+    batch = {"labeled": {"weak": x, "label": y,
+                         "index": jnp.arange(8, dtype=jnp.int32)}}
+    state, _ = step(state, batch, jax.random.key(t))
+    lr = 0.0625 * min(t + 1, 2) / 2   # warm-up over 2 steps (exact in float32)
+    for late_b1, (p, m, v) in adam.items():
+      g = jax.grad(lambda q, x=x, y=y: ce(
+          onehot(y), ref_forward(q, {}, x, train=True)[0]))(p)
+      g["Dense_0"]["kernel"] = (g["Dense_0"]["kernel"]
+                                + WD * p["Dense_0"]["kernel"])  # kernels only
+      b1 = 0.9 if t < 3 else late_b1
+      m = jax.tree.map(lambda m, g, b1=b1: b1 * m + (1 - b1) * g, m, g)
+      v = jax.tree.map(lambda v, g: 0.99 * v + 0.01 * g * g, v, g)
+      p = jax.tree.map(
+          lambda p, m, v, b1=b1, t=t, lr=lr: p - lr * (m / (1 - b1 ** (t + 1)))
+          / (jnp.sqrt(v / (1 - 0.99 ** (t + 1))) + 1e-8), p, m, v)
+      adam[late_b1] = (p, m, v)
+    assert_close(state.params, adam[0.5][0])
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(adam[0.5][0]), jax.tree.leaves(adam[0.9][0])))
+    assert (gap == 0.0) if t < 3 else (gap > 1e-3), (t, gap)
+  assert int(state.step) == 6
 
 
 # ---------------------------------------------------------------------------
