@@ -3,9 +3,10 @@
 # in two parallel streams (the small models leave CPU cores idle in one).
 # Finished runs under $ROOT are read back, so rerunning continues where it
 # stopped. Usage: bash benchmarks/run_results.sh [ROOT]  (logs in ROOT/*.log)
-# Stream 3 (VAT's MNIST-100 reproduction and the equal-budget tables) first
-# copies back the runs kept in docs/runs/ by earlier sessions, and keeps each
-# finished run there (`benchmarks.archive`), so it can span several sessions:
+# Streams 3 (VAT's MNIST-100 reproduction and the equal-budget tables) and 4
+# (the MNIST-100 teacher-student tables) first copy back the runs kept in
+# docs/runs/ by earlier sessions, and keep each finished run there
+# (`benchmarks.archive`), so they can span several sessions:
 #   STREAMS=3 bash benchmarks/run_results.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,14 +62,6 @@ stream2() {
   R --config configs/distill_digits.py:hard --root "$ROOT/distill_digits_alpha0" \
     --override stages.distill.distill.alpha=0 --name distill_digits_alpha0 \
     --title 'Digits, 50 labels: the ViT student without a teacher (configs/distill_digits.py, stages.distill.distill.alpha=0)'
-  R --config configs/noisy_student_mnist.py --root "$ROOT/noisy_student_mnist" "${M[@]}" \
-    --name noisy_student_mnist \
-    --title 'MNIST, 100 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_mnist.py)'
-  for k in hard soft token; do
-    R --config "configs/distill_mnist.py:$k" --root "$ROOT/distill_mnist_$k" "${M[@]}" \
-      --name "distill_mnist_$k" \
-      --title "MNIST, 100 labels: DeiT-style distillation, kind $k (configs/distill_mnist.py:$k)"
-  done
 }
 
 # Restore the kept runs of NAME into ROOT/NAME, run CMD..., keep the finished.
@@ -137,6 +130,39 @@ stream3() {
     kept compare_mnist_cnn "${c[@]}" --methods "$m"
   done
   kept compare_mnist_cnn "${c[@]}" --methods "${cnn[@]}" --write
+}
+
+# The MNIST-100 teacher-student tables (about an hour a seed on 2 cores: the
+# ViT student of distill_mnist, the three stages of noisy_student_mnist), one
+# seed at a time, each kept in docs/runs as soon as it finishes; the last call
+# of each reads the three seeds back and writes the table:
+#   STREAMS=4 bash benchmarks/run_results.sh
+stream4() {
+  local k n v o
+  for v in "hard:" "token:" "soft:" \
+           "alpha0:--override stages.distill.distill.alpha=0"; do
+    k=${v%%:*}; o=${v#*:}; n="distill_mnist_$k"
+    local cfg="configs/distill_mnist.py:${k/alpha0/hard}"
+    for s in 0 1 2; do
+      # shellcheck disable=SC2086
+      kept "$n" python -m benchmarks.results --seeds "$s" --config "$cfg" \
+        --root "$ROOT/$n" "${M[@]}" $o --name "$n"
+    done
+    # shellcheck disable=SC2086
+    kept "$n" R --config "$cfg" --root "$ROOT/$n" "${M[@]}" $o --name "$n" \
+      --title "MNIST, 100 labels: DeiT-style distillation, $k ($cfg${o:+, ${o#--override }})"
+  done
+  n=noisy_student_mnist
+  for s in 0 1 2; do
+    kept "$n" python -m benchmarks.results --seeds "$s" \
+      --config configs/noisy_student_mnist.py --root "$ROOT/$n" "${M[@]}" --name "$n"
+  done
+  kept "$n" R --config configs/noisy_student_mnist.py --root "$ROOT/$n" "${M[@]}" \
+    --name "$n" \
+    --title 'MNIST, 100 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_mnist.py)'
+  python -m benchmarks.noisy_student_rounds --root "$ROOT/$n" --seeds 0 1 2 \
+    --name "$n" --write \
+    --title 'MNIST, 100 labels: Noisy Student, pseudo-labels per round (configs/noisy_student_mnist.py)'
 }
 
 for s in ${STREAMS:-1 2}; do
