@@ -138,11 +138,11 @@ stream3() {
 # of each reads the three seeds back and writes the table:
 #   STREAMS=4 bash benchmarks/run_results.sh
 stream4() {
-  local k n v o
+  local k n v o cfg
   for v in "hard:" "token:" "soft:" \
            "alpha0:--override stages.distill.distill.alpha=0"; do
     k=${v%%:*}; o=${v#*:}; n="distill_mnist_$k"
-    local cfg="configs/distill_mnist.py:${k/alpha0/hard}"
+    cfg="configs/distill_mnist.py:${k/alpha0/hard}"
     for s in 0 1 2; do
       # shellcheck disable=SC2086
       kept "$n" python -m benchmarks.results --seeds "$s" --config "$cfg" \

@@ -82,6 +82,7 @@ import pytest
 from flax import linen as nn
 
 from configs import common
+from r2d2_jax import optim
 from r2d2_jax import sharding
 from r2d2_jax.data import views
 from r2d2_jax.methods import mpl
@@ -318,7 +319,6 @@ def test_supervised_steps_adam_with_a_beta1_schedule():
   `train_step`, against Adam written out: m ← β1(t)·m + (1 − β1(t))·g,
   v ← β2·v + (1 − β2)·g², θ ← θ − lr_t·m̂/(√v̂ + ε), m̂ = m/(1 − β1(t)^(t+1)).
   """
-  from r2d2_jax import optim  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   block = ml_collections.ConfigDict(dict(
       name="adam", lr=0.0625, b1=0.9, b2=0.99, weight_decay=WD,
@@ -333,10 +333,9 @@ def test_supervised_steps_adam_with_a_beta1_schedule():
                      model_state=model_state, opt_state=tx.init(params),
                      ema_params=params, ema_model_state=model_state)
   step = jax.jit(ctx.bind(supervised.train_step))
-  adam = {0.5: (params, jax.tree.map(jnp.zeros_like, params),   # scheduled
-                jax.tree.map(jnp.zeros_like, params)),
-          0.9: (params, jax.tree.map(jnp.zeros_like, params),   # β1 = 0.9 always
-                jax.tree.map(jnp.zeros_like, params))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  # Adam by hand, keyed by β1 from step 3 on: 0.5 (scheduled), 0.9 (constant).
+  adam = {late_b1: (params, zeros, zeros) for late_b1 in (0.5, 0.9)}
   for t in range(6):
     x, y = x_of(rng, 8), y_of(rng, 8)
     batch = {"labeled": {"weak": x, "label": y,
