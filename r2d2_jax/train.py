@@ -265,7 +265,7 @@ class Stage:
           "averages kept in training) or 'unlabeled' (re-estimated on the "
           "unlabeled pool at every evaluation).")
     if self.eval_bn_stats == "unlabeled":
-      if not hasattr(self.pipeline, "pool_batches"):
+      if not hasattr(self.pipeline, "unlabeled_batches"):
         raise R2D2Error(
             "eval_bn_stats='unlabeled' needs an in-memory dataset (its "
             f"pipeline, {type(self.pipeline).__name__}, cannot re-read the "
@@ -305,8 +305,8 @@ class Stage:
             "statistics.")
       per_batch = (
           (self.eval_bn_batch_size, self._bn_stats_step(variables, batch))
-          for batch in self.pipeline.pool_batches(
-              "unlabeled", self.eval_bn_batch_size, self.config.seed))
+          for batch in self.pipeline.unlabeled_batches(
+              self.eval_bn_batch_size, self.config.seed))
       stats = bn_stats.combine(per_batch)
       out[name] = dict(variables, batch_stats=jax.device_put(
           stats, sharding.replicated(self.mesh)))

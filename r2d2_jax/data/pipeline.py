@@ -158,12 +158,10 @@ class InMemoryPipeline:
           {"image": data.images[idx], "label": data.labels[idx],
            "index": idx.astype(np.int32), "mask": mask}, self.mesh)
 
-  def pool_batches(self, pool: str, batch_size: int, seed: int
-                   ) -> Iterator[Any]:
-    """A fixed shuffle of a train pool in full batches (BatchNorm statistics).
+  def unlabeled_batches(self, batch_size: int, seed: int) -> Iterator[Any]:
+    """A fixed shuffle of the unlabeled pool in full batches (BatchNorm statistics).
 
     Args:
-      pool: 'unlabeled' (the unlabeled pool of the split) or 'labeled'.
       batch_size: global batch size (divisible by the device count).
       seed: the shuffle's seed (the same order at every call).
 
@@ -172,16 +170,14 @@ class InMemoryPipeline:
       last full batch are left out (a train-mode forward has no mask).
 
     Raises:
-      R2D2Error: an unknown pool, or one smaller than a batch.
+      R2D2Error: an unlabeled pool smaller than a batch.
     """
     sharding.check_batch_size("eval_bn_batch_size", batch_size, self.mesh)
-    if pool not in ("unlabeled", "labeled"):
-      raise R2D2Error(f"Unknown pool {pool!r}: use 'unlabeled' or 'labeled'.")
-    rows_of = getattr(self.split, pool)
+    rows_of = self.split.unlabeled
     if len(rows_of) < batch_size:
       raise R2D2Error(
-          f"The {pool} pool has {len(rows_of)} rows, fewer than one batch of "
-          f"{batch_size}: lower eval_bn_batch_size.")
+          f"The unlabeled pool has {len(rows_of)} rows, fewer than one batch "
+          f"of {batch_size}: lower eval_bn_batch_size.")
     order = rows_of[np.random.default_rng(seed).permutation(len(rows_of))]
     rows = sharding.process_slice(batch_size, self.mesh)
     for start in range(0, len(order) - batch_size + 1, batch_size):
