@@ -9,8 +9,8 @@ accuracy and entropy curves and the reprediction events.
       --config.data.manual_dir=../shared/data/mnist \
       --workdir /tmp/r2d2_jax/r2d2_mnist_2dfc
 
-Variants: `:fast` (about a minute on a 2-core CPU, for the notebook's FAST mode
-and its test), `:runlocal` (a few steps).
+Variants: `:fast` (about 200 steps, a minute or two on a 2-core CPU, for the
+notebook's FAST mode and its test), `:runlocal` (a few steps).
 
 Weight decay on every parameter (`optimizer.decay_mask='all'`): the reference,
 DoctorKey/R2D2.pytorch, builds `torch.optim.SGD(model.parameters(), ...,
@@ -52,19 +52,19 @@ def get_config(arg: str | None = None):
       finetune=dict(total_epochs=1.0, data=dict(batch_size=32, uratio=4),
                     optimizer=dict(lr=0.005, schedule=dict(name="cosine"))))
   if arg == "fast":
-    # Same pipeline, a few hundred steps in all, on the first 6000 training
-    # and 2000 test images (an epoch of the unlabeled 4900 is 52 steps; 1000
-    # of the 6000 are the validation set).
-    c.data.train_limit = 6000
+    # Same pipeline, about 200 steps in all, on the first 3000 training and
+    # 2000 test images (1000 of the 3000 are the validation set; an epoch of
+    # the unlabeled 1900 is 20 steps, so R2 repredicts at steps 0, 10, 20).
+    c.data.train_limit = 3000
     c.data.test_limit = 2000
-    c.stages.supervised.total_steps = 150
+    c.stages.supervised.total_steps = 100
     c.stages.d2.total_epochs = 0.0
-    c.stages.d2.total_steps = 60
+    c.stages.d2.total_steps = 30
     c.stages.r2.total_epochs = 0.0
-    c.stages.r2.total_steps = 90
+    c.stages.r2.total_steps = 40
     c.stages.r2.r2d2.repredict_epochs = (0.0, 0.5, 1.0)
     c.stages.finetune.total_epochs = 0.0
-    c.stages.finetune.total_steps = 40
+    c.stages.finetune.total_steps = 25
     c.log_every_steps = 20
     c.checkpoint_every_steps = 0
   elif arg == "runlocal":
