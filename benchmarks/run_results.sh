@@ -134,34 +134,42 @@ stream3() {
 
 # The MNIST-100 teacher-student tables (about an hour a seed on 2 cores: the
 # ViT student of distill_mnist, the three stages of noisy_student_mnist), one
-# seed at a time, each kept in docs/runs as soon as it finishes; the last call
-# of each reads the three seeds back and writes the table:
+# run at a time, each kept in docs/runs as soon as it finishes. Seed-major, so
+# that a session that stops early leaves one seed of every table rather than
+# three of one; the last calls read the three seeds back and write the tables:
 #   STREAMS=4 bash benchmarks/run_results.sh
+DISTILL_KINDS=("hard:" "token:" "soft:"
+               "alpha0:--override stages.distill.distill.alpha=0")
+
+distill_mnist() {  # distill_mnist KIND:OVERRIDES R-OR-SEED-ARGS...
+  local v=$1; shift
+  local k=${v%%:*} o=${v#*:}
+  local n="distill_mnist_$k" cfg="configs/distill_mnist.py:${k/alpha0/hard}" t=()
+  [ -n "${TITLE:-}" ] && t=(--title "MNIST, 100 labels: DeiT-style distillation, $k ($cfg${o:+, ${o#--override }})")
+  # shellcheck disable=SC2086
+  kept "$n" "$@" --config "$cfg" --root "$ROOT/$n" "${M[@]}" $o --name "$n" "${t[@]}"
+}
+
+noisy_student_mnist() {  # noisy_student_mnist R-OR-SEED-ARGS...
+  local n=noisy_student_mnist t=()
+  [ -n "${TITLE:-}" ] && t=(--title 'MNIST, 100 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_mnist.py)')
+  kept "$n" "$@" --config configs/noisy_student_mnist.py --root "$ROOT/$n" \
+    "${M[@]}" --name "$n" "${t[@]}"
+}
+
 stream4() {
-  local k n v o cfg
-  for v in "hard:" "token:" "soft:" \
-           "alpha0:--override stages.distill.distill.alpha=0"; do
-    k=${v%%:*}; o=${v#*:}; n="distill_mnist_$k"
-    cfg="configs/distill_mnist.py:${k/alpha0/hard}"
-    for s in 0 1 2; do
-      # shellcheck disable=SC2086
-      kept "$n" python -m benchmarks.results --seeds "$s" --config "$cfg" \
-        --root "$ROOT/$n" "${M[@]}" $o --name "$n"
-    done
-    # shellcheck disable=SC2086
-    kept "$n" R --config "$cfg" --root "$ROOT/$n" "${M[@]}" $o --name "$n" \
-      --title "MNIST, 100 labels: DeiT-style distillation, $k ($cfg${o:+, ${o#--override }})"
-  done
-  n=noisy_student_mnist
+  local s v one=(python -m benchmarks.results --seeds)
   for s in 0 1 2; do
-    kept "$n" python -m benchmarks.results --seeds "$s" \
-      --config configs/noisy_student_mnist.py --root "$ROOT/$n" "${M[@]}" --name "$n"
+    distill_mnist "${DISTILL_KINDS[0]}" "${one[@]}" "$s"
+    distill_mnist "${DISTILL_KINDS[1]}" "${one[@]}" "$s"
+    noisy_student_mnist "${one[@]}" "$s"
+    distill_mnist "${DISTILL_KINDS[2]}" "${one[@]}" "$s"
+    distill_mnist "${DISTILL_KINDS[3]}" "${one[@]}" "$s"
   done
-  kept "$n" R --config configs/noisy_student_mnist.py --root "$ROOT/$n" "${M[@]}" \
-    --name "$n" \
-    --title 'MNIST, 100 labels: Noisy Student, a teacher and two rounds (configs/noisy_student_mnist.py)'
-  python -m benchmarks.noisy_student_rounds --root "$ROOT/$n" --seeds 0 1 2 \
-    --name "$n" --write \
+  for v in "${DISTILL_KINDS[@]}"; do TITLE=1 distill_mnist "$v" R; done
+  TITLE=1 noisy_student_mnist R
+  python -m benchmarks.noisy_student_rounds --root "$ROOT/noisy_student_mnist" \
+    --seeds 0 1 2 --name noisy_student_mnist --write \
     --title 'MNIST, 100 labels: Noisy Student, pseudo-labels per round (configs/noisy_student_mnist.py)'
 }
 
