@@ -13,7 +13,11 @@ harness makes equal (`SETTINGS`):
              and configs/digits_quickstart.py; `supervised` is R2-D2's
              supervised stage, `fixmatch_cta` FixMatch with CTAugment); cnn_small
   mnist_cnn  configs/<method>_mnist.py with cnn_small, augmentation as each
-             config has it
+             config has it, except VAT's (`method_values`): its config is
+             permutation-invariant MNIST's, so here it gets the ±2 px
+             translation of every other method and an ε chosen for cnn_small
+             on seed 0's validation split (docs/results.md,
+             "compare_mnist_cnn_vat")
   mnist_pi   permutation-invariant MNIST-100: configs/<method>_mnist.py with
              mlp_mnist and no augmentation in any view (`augmentation_off`:
              weak and strong are the image itself); the network's noise is
@@ -88,6 +92,10 @@ class Setting:
     data: forced `config.data` entries.
     augment_off: no image augmentation in any view (`augmentation_off`).
     allowed: the methods the setting accepts (None: every method with a config).
+    method_values: {method: {dotted key: value}} set on every stage of that
+      method after the forced values and before `--override`, for a method
+      whose config was written for another setting (a value chosen here is
+      chosen on the validation split; docs/results.md says how).
   """
   name: str
   suffix: str
@@ -95,7 +103,12 @@ class Setting:
   data: dict
   augment_off: bool = False
   allowed: tuple[str, ...] | None = None
+  method_values: dict = dataclasses.field(default_factory=dict)
 
+
+# configs/vat_mnist.py's PIXEL_TO_INPUT (MNIST standardised by std 78.6 of 0..255;
+# tests/test_compare.py checks the two agree).
+_PIXEL_TO_INPUT = 255.0 / 78.6
 
 SETTINGS = {
     "digits": Setting(
@@ -105,7 +118,12 @@ SETTINGS = {
     "mnist_cnn": Setting(
         "mnist_cnn", "mnist", dict(name="cnn_small", kwargs={}),
         dict(dataset="mnist", num_labels=100, num_val=1000, batch_size=32,
-             uratio=3, eval_batch_size=1000)),
+             uratio=3, eval_batch_size=1000),
+        # VAT's config is permutation-invariant MNIST's (no translation, ε =
+        # 5.0 for the noisy MLP); ε = 2.0 in [0, 1] pixel units, on the
+        # standardised inputs' scale (configs/vat_mnist.py PIXEL_TO_INPUT).
+        method_values={"vat": {"data.augment.weak.translate": 2,
+                               "vat.epsilon": 2.0 * _PIXEL_TO_INPUT}}),
     "mnist_pi": Setting(
         "mnist_pi", "mnist", dict(name="mlp_mnist", kwargs=dict(noise_std=0.5)),
         dict(dataset="mnist", num_labels=100, num_val=1000, batch_size=32,
@@ -319,6 +337,19 @@ def _set(d: dict, dotted: str, value) -> None:
   d[last] = value
 
 
+def _set_existing(d: dict, dotted: str, value, where: str) -> None:
+  """Sets a key of a stage dict that must exist (a misspelt key is an error)."""
+  *path, last = dotted.split(".")
+  for p in path:
+    d = d.get(p)
+    if not isinstance(d, dict):
+      break
+  if not isinstance(d, dict) or last not in d:
+    raise R2D2Error(f"SETTINGS {where}: method_values key {dotted!r} is not "
+                    "in the method's config.")
+  d[last] = value
+
+
 def _overridden(cfg: dict, overrides: Sequence[str]) -> dict:
   """A copy of a stage dict with the `--override key=value` items applied."""
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -399,6 +430,8 @@ def budget_config(setting: Setting, method: str, steps: int, seed: int, *,
     cfg["total_steps"] = new_steps[s]
     cfg["total_epochs"] = 0.0
     cfg["seed"] = seed
+    for key, value in setting.method_values.get(method, {}).items():
+      _set_existing(cfg, key, value, f"{setting.name} {method} {s}")
     c = ml_collections.ConfigDict(cfg)
     for item in overrides:
       results.apply_override(c, item)

@@ -24,8 +24,12 @@ Break checks (each made the named test fail, then was restored):
     test_mnist_pi_views_are_the_image.
   - `augmentation_off` without the 'usb' policy's `cutout_frac=0`:
     test_augmentation_off_usb_policy_and_learned_policy.
+  - `budget_config` not applying the setting's `method_values`, or
+    `_set_existing` without its key check:
+    test_mnist_cnn_gives_vat_the_shared_translation_and_its_chosen_epsilon.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -291,3 +295,34 @@ def test_augmentation_off_usb_policy_and_learned_policy():
     np.testing.assert_array_equal(out, img.astype(np.float32), err_msg=name)
   with pytest.raises(R2D2Error, match="policy='ctaugment' \\(a learned"):
     compare.augmentation_off({"weak": {}, "strong": {"policy": "ctaugment"}})
+
+
+def test_mnist_cnn_gives_vat_the_shared_translation_and_its_chosen_epsilon():
+  """VAT's config is permutation-invariant MNIST's; mnist_cnn changes two values.
+
+  The translation is the one every other method of the setting has (the
+  shared MNIST protocol); ε is the value chosen on seed 0's validation split
+  (docs/results.md, "compare_mnist_cnn_vat"), in [0, 1] pixel units × the
+  standardisation's scale.
+  """
+  setting = compare.SETTINGS["mnist_cnn"]
+  own = compare.load_method_config(setting, "vat")  # puts configs/ on the path
+  from configs import vat_mnist  # pylint: disable=g-import-not-at-top
+  assert own.data.augment.weak.translate == 0
+  assert own.vat.epsilon == 5.0 * vat_mnist.PIXEL_TO_INPUT
+  config, _ = compare.budget_config(setting, "vat", 100, 0)
+  pi, _ = compare.budget_config(setting, "pi_model", 100, 0)
+  assert config.data.augment.weak.translate == pi.data.augment.weak.translate
+  assert config.data.augment.weak.translate == 2
+  assert config.vat.epsilon == 2.0 * vat_mnist.PIXEL_TO_INPUT
+  assert config.vat.xi == own.vat.xi
+  # The permutation-invariant setting keeps the config's values.
+  config, _ = compare.budget_config(compare.SETTINGS["mnist_pi"], "vat", 100, 0)
+  assert config.vat.epsilon == own.vat.epsilon
+  # --override comes after the setting's values.
+  config, _ = compare.budget_config(setting, "vat", 100, 0,
+                                    overrides=["vat.epsilon=1.5"])
+  assert config.vat.epsilon == 1.5
+  bad = dataclasses.replace(setting, method_values={"vat": {"vat.epsilom": 1.0}})
+  with pytest.raises(R2D2Error, match="'vat.epsilom' is not in the method"):
+    compare.budget_config(bad, "vat", 100, 0)
